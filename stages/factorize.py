@@ -1,0 +1,120 @@
+"""CoSpaDi and SVD-LLM factorisers: whiten with the calibration Gram, solve, un-whiten.
+
+A group is a list of weight matrices (math layout, d1 x d2_i, i.e. ``linear.weight.T``)
+sharing one input space. Per-layer compression is a group of one. For a group the
+matrices are concatenated along d2, whitened with the mean of the members' Grams, solved
+once, and the result is sliced back per member (METHOD.md, per-group variant).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .factors import DictionaryFactors, Factors, LowRankFactors
+from .ksvd import ksvd
+from .sizing import dictionary_shape, svd_rank
+from .whitening import Whitening, whitening_from_gram
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    method: str = "cospadi"  # "cospadi" or "svd-llm"
+    ratio: float = 0.3
+    rho: float = 2.0
+    iters: int = 60
+    power_iters: int = 8
+    seed: int = 42
+    omp_chunk: int = 8192  # columns coded at once (upper bound; memory may lower it)
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32  # working precision of K-SVD (Grams stay float64)
+
+    def __post_init__(self) -> None:
+        if self.method not in ("cospadi", "svd-llm"):
+            raise ValueError(f"method must be 'cospadi' or 'svd-llm', got {self.method!r}")
+        if not (0.0 < self.ratio < 1.0):
+            raise ValueError(f"ratio must lie in (0, 1), got {self.ratio}")
+        if not self.rho >= 1.0:
+            raise ValueError(f"rho must be >= 1, got {self.rho}")
+        if self.iters < 1:
+            raise ValueError(f"iters must be >= 1, got {self.iters}")
+        if self.power_iters < 1:
+            raise ValueError(f"power_iters must be >= 1, got {self.power_iters}")
+
+
+@dataclass
+class GroupResult:
+    factors: list[Factors]  # one per member, in input order
+    whitening_path: str  # "cholesky", "shifted-cholesky" or "eigen"
+    stats: dict = field(default_factory=dict)
+
+
+def mean_gram(grams: list[torch.Tensor]) -> torch.Tensor:
+    if not grams:
+        raise ValueError("a group needs at least one Gram matrix")
+    total = torch.zeros_like(grams[0], dtype=torch.float64)
+    for gram in grams:
+        if gram.shape != grams[0].shape:
+            raise ValueError(f"Gram shapes differ within a group: {gram.shape} vs {grams[0].shape}")
+        total += gram.to(torch.float64)
+    return total / len(grams)
+
+
+def factorize_group(weights: list[torch.Tensor], grams: list[torch.Tensor],
+                    settings: SolverSettings) -> GroupResult:
+    """Compress the matrices of one group against the mean of their Grams."""
+    if len(weights) != len(grams):
+        raise ValueError(f"{len(weights)} weights but {len(grams)} Grams")
+    d1 = weights[0].shape[0]
+    for w in weights:
+        if w.ndim != 2 or w.shape[0] != d1:
+            raise ValueError(f"group members must share d1 = {d1}, got shape {tuple(w.shape)}")
+        if not torch.isfinite(w).all():
+            raise ValueError("weight matrix holds NaN or Inf values")
+    device = torch.device(settings.device)
+    gram = mean_gram(grams).to(device)
+    whitening = whitening_from_gram(gram)
+    stacked = torch.cat([w.to(device=device, dtype=torch.float64) for w in weights], dim=1)
+    whitened = whitening.whiten(stacked)
+    if settings.method == "svd-llm":
+        factors, stats = _solve_svd(whitened, whitening, settings)
+    else:
+        factors, stats = _solve_ksvd(whitened, whitening, settings)
+    members: list[Factors] = []
+    start = 0
+    for w in weights:
+        stop = start + w.shape[1]
+        members.append(factors.column_slice(start, stop))
+        start = stop
+    stats["whitening_shift"] = whitening.shift
+    return GroupResult(factors=members, whitening_path=whitening.path, stats=stats)
+
+
+def factorize_layer(weight: torch.Tensor, gram: torch.Tensor,
+                    settings: SolverSettings) -> GroupResult:
+    return factorize_group([weight], [gram], settings)
+
+
+def _solve_svd(whitened: torch.Tensor, whitening: Whitening,
+               settings: SolverSettings) -> tuple[LowRankFactors, dict]:
+    d1, d2 = whitened.shape
+    r = svd_rank(d1, d2, settings.ratio).r
+    u, sigma, vh = torch.linalg.svd(whitened, full_matrices=False)
+    root = sigma[:r].sqrt()
+    left = whitening.unwhiten(u[:, :r] * root)
+    right = root[:, None] * vh[:r]
+    return LowRankFactors(left.float().cpu(), right.float().cpu()), {"r": r}
+
+
+def _solve_ksvd(whitened: torch.Tensor, whitening: Whitening,
+                settings: SolverSettings) -> tuple[DictionaryFactors, dict]:
+    d1, d2 = whitened.shape
+    shape = dictionary_shape(d1, d2, settings.ratio, settings.rho)
+    result = ksvd(whitened.to(settings.dtype), shape.k, shape.s, iters=settings.iters,
+                  power_iters=settings.power_iters, seed=settings.seed,
+                  omp_chunk=settings.omp_chunk)
+    dictionary = whitening.unwhiten(result.dictionary.to(torch.float64))
+    factors = DictionaryFactors(dictionary.float().cpu(), result.support.cpu(),
+                                result.values.float().cpu())
+    return factors, {"k": shape.k, "s": shape.s, "errors": result.errors}

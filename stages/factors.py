@@ -1,0 +1,69 @@
+"""The factors a compressed projection is made of (math layout: W is d1 x d2 = in x out)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DictionaryFactors:
+    """``W_hat = dictionary @ S`` with S column-sparse: column j holds ``values[:, j]`` at
+    rows ``support[:, j]`` (ascending, exactly s distinct atoms per column)."""
+
+    dictionary: torch.Tensor  # d1 x k, float32
+    support: torch.Tensor  # s x d2, int64, ascending within each column
+    values: torch.Tensor  # s x d2, float32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.dictionary.shape[0], self.support.shape[1]
+
+    @property
+    def k(self) -> int:
+        return self.dictionary.shape[1]
+
+    @property
+    def s(self) -> int:
+        return self.support.shape[0]
+
+    def codes_dense(self) -> torch.Tensor:
+        """The k x d2 coefficient matrix S."""
+        codes = torch.zeros(self.k, self.support.shape[1], dtype=self.values.dtype,
+                            device=self.values.device)
+        return codes.scatter_(0, self.support, self.values)
+
+    def dense(self) -> torch.Tensor:
+        """The d1 x d2 reconstruction D S."""
+        return self.dictionary.to(self.values.dtype) @ self.codes_dense()
+
+    def column_slice(self, start: int, stop: int) -> DictionaryFactors:
+        """Factors of columns [start, stop): the per-layer part of a shared group solve."""
+        return DictionaryFactors(self.dictionary, self.support[:, start:stop].contiguous(),
+                                 self.values[:, start:stop].contiguous())
+
+
+@dataclass
+class LowRankFactors:
+    """``W_hat = left @ right`` (SVD-LLM: U_r Sigma^1/2 and Sigma^1/2 V_r^T, un-whitened)."""
+
+    left: torch.Tensor  # d1 x r
+    right: torch.Tensor  # r x d2
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.left.shape[0], self.right.shape[1]
+
+    @property
+    def r(self) -> int:
+        return self.left.shape[1]
+
+    def dense(self) -> torch.Tensor:
+        return self.left @ self.right
+
+    def column_slice(self, start: int, stop: int) -> LowRankFactors:
+        return LowRankFactors(self.left, self.right[:, start:stop].contiguous())
+
+
+Factors = DictionaryFactors | LowRankFactors

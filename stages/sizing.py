@@ -1,0 +1,104 @@
+"""How many atoms, non-zeros or singular vectors a matrix keeps at a compression ratio.
+
+Conventions follow METHOD.md: a layer computes ``Y = X W`` with ``W`` of shape ``d1 x d2``
+(in x out). CoSpaDi keeps a dense ``d1 x k`` dictionary and ``s`` coefficients per output
+column; the on-disk form stores the dictionary in bf16, the coefficients in 14 bits and the
+support as a ``k x d2`` bit-mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+DENSE_BYTES_PER_PARAM = 2  # bf16 reference checkpoint
+DICTIONARY_BITS = 16  # bf16
+COEFFICIENT_BITS = 14  # bf16 with the two lowest mantissa bits dropped
+MASK_BITS = 1  # one bit per (atom, column) pair
+
+
+@dataclass(frozen=True)
+class DictionaryShape:
+    d1: int
+    d2: int
+    k: int  # atoms
+    s: int  # non-zeros per column
+
+    @property
+    def params(self) -> int:
+        return self.d1 * self.k + self.s * self.d2
+
+    @property
+    def bytes(self) -> int:
+        return dictionary_bytes(self.d1, self.d2, self.k, self.s)
+
+    @property
+    def kept_params(self) -> float:
+        return self.params / (self.d1 * self.d2)
+
+    @property
+    def kept_bytes(self) -> float:
+        return self.bytes / (DENSE_BYTES_PER_PARAM * self.d1 * self.d2)
+
+
+@dataclass(frozen=True)
+class LowRankShape:
+    d1: int
+    d2: int
+    r: int
+
+    @property
+    def params(self) -> int:
+        return self.r * (self.d1 + self.d2)
+
+    @property
+    def bytes(self) -> int:
+        return DENSE_BYTES_PER_PARAM * self.params
+
+    @property
+    def kept_params(self) -> float:
+        return self.params / (self.d1 * self.d2)
+
+    @property
+    def kept_bytes(self) -> float:
+        return self.bytes / (DENSE_BYTES_PER_PARAM * self.d1 * self.d2)
+
+
+def check_ratio(ratio: float) -> None:
+    if not (0.0 < ratio < 1.0) or math.isnan(ratio):
+        raise ValueError(f"compression ratio must lie in (0, 1), got {ratio}")
+
+
+def dictionary_bytes(d1: int, d2: int, k: int, s: int) -> int:
+    """Exact bytes of the on-disk form: bf16 dictionary, 14-bit values, k x d2 bit-mask."""
+    dictionary = d1 * k * DICTIONARY_BITS // 8
+    values = math.ceil(s * d2 * COEFFICIENT_BITS / 8)
+    mask = math.ceil(k * d2 * MASK_BITS / 8)
+    return dictionary + values + mask
+
+
+def dictionary_shape(d1: int, d2: int, ratio: float, rho: float) -> DictionaryShape:
+    """k and s so that ``d1 k + s d2`` is within one atom of ``(1 - ratio) d1 d2``.
+
+    k comes from METHOD.md's closed form; s is then re-solved from the budget left after
+    the dictionary, so rounding k costs at most one atom and rounding s half a column.
+    """
+    check_ratio(ratio)
+    if not rho >= 1.0:
+        raise ValueError(f"rho = k / s must be >= 1, got {rho}")
+    if d1 < 1 or d2 < 1:
+        raise ValueError(f"matrix shape must be positive, got {d1} x {d2}")
+    budget = (1.0 - ratio) * d1 * d2
+    k = max(1, round(budget / (d1 + d2 / rho)))
+    s = round((budget - d1 * k) / d2)
+    # s atoms must be linearly independent for OMP: never more than d1 or k.
+    s = int(min(max(s, 1), k, d1))
+    return DictionaryShape(d1=d1, d2=d2, k=int(k), s=s)
+
+
+def svd_rank(d1: int, d2: int, ratio: float) -> LowRankShape:
+    """SVD-LLM's rank ``floor((1 - ratio) d1 d2 / (d1 + d2))``."""
+    check_ratio(ratio)
+    r = math.floor((1.0 - ratio) * d1 * d2 / (d1 + d2))
+    r = max(1, min(r, d1, d2))
+    return LowRankShape(d1=d1, d2=d2, r=r)
