@@ -1,0 +1,236 @@
+"""One safetensors file per decoder block holding the compact factors of its projections.
+
+Tensor names are the module path plus a suffix, exactly the names the assembled model uses:
+
+- dictionary kind: ``<module>.dictionary`` (bf16, d1 x k), ``<module>.mask`` and
+  ``<module>.values14`` (uint8, see ``sparse_format``);
+- low-rank kind: ``<module>.left`` (bf16, d1 x r), ``<module>.right`` (bf16, r x d2);
+- optional ``<module>.bias`` (d2, dtype as given).
+
+Modules whose dictionaries are equal (a shared group dictionary) store it once, under the
+first such module in sorted order; the others name it in their header entry.
+
+The safetensors metadata holds a single key, ``cospadi``, whose value is sorted JSON::
+
+    {"format": "cospadi-factors", "version": 1, "metadata": {...caller's...},
+     "modules": {"<module>": {"kind": "dictionary", "d1": .., "d2": .., "k": .., "s": ..,
+                              "bias": false, "dictionary_from": "<owner module>"?},
+                 "<module>": {"kind": "lowrank", "d1": .., "d2": .., "r": .., "bias": false}}}
+
+A single key matters: safetensors writes metadata keys in hash order, so several keys would
+make the bytes differ from run to run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..stages.factors import DictionaryFactors, Factors, LowRankFactors
+from .atomic import write_with
+from .sparse_format import mask_nbytes, pack_codes, unpack_codes, values_nbytes
+
+FORMAT = "cospadi-factors"
+VERSION = 1
+METADATA_KEY = "cospadi"
+STORE_DTYPE = torch.bfloat16  # dictionary / low-rank factors on disk
+
+
+class FactorFileError(ValueError):
+    """A factor file is missing, unreadable or inconsistent (the message names the file)."""
+
+
+@dataclass
+class BlockFile:
+    factors: dict[str, Factors]
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    data = tensor.contiguous().view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(str(tuple(tensor.shape)).encode() + data).hexdigest()
+
+
+def encode_module(name: str, factors: Factors) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Header entry and on-disk tensors of one module's factors."""
+    if isinstance(factors, DictionaryFactors):
+        d1, k = factors.dictionary.shape
+        s, d2 = factors.support.shape
+        if factors.values.shape != (s, d2):
+            raise ValueError(f"{name}: values {tuple(factors.values.shape)} != support {(s, d2)}")
+        packed = pack_codes(factors.support, factors.values, k)
+        tensors = {
+            f"{name}.dictionary": factors.dictionary.detach().cpu().to(STORE_DTYPE).contiguous(),
+            f"{name}.mask": packed["mask"],
+            f"{name}.values14": packed["values14"],
+        }
+        return {"kind": "dictionary", "d1": d1, "d2": d2, "k": k, "s": s}, tensors
+    if isinstance(factors, LowRankFactors):
+        d1, r = factors.left.shape
+        if factors.right.shape[0] != r:
+            raise ValueError(f"{name}: left {tuple(factors.left.shape)} and right "
+                             f"{tuple(factors.right.shape)} disagree on the rank")
+        d2 = factors.right.shape[1]
+        tensors = {
+            f"{name}.left": factors.left.detach().cpu().to(STORE_DTYPE).contiguous(),
+            f"{name}.right": factors.right.detach().cpu().to(STORE_DTYPE).contiguous(),
+        }
+        return {"kind": "lowrank", "d1": d1, "d2": d2, "r": r}, tensors
+    raise TypeError(f"{name}: unsupported factors type {type(factors).__name__}")
+
+
+def expected_tensors(name: str, spec: dict) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """dtype and shape of each tensor a header entry promises (a borrowed dictionary excluded)."""
+    d1, d2 = spec["d1"], spec["d2"]
+    if spec["kind"] == "dictionary":
+        k, s = spec["k"], spec["s"]
+        out = {f"{name}.mask": (torch.uint8, (mask_nbytes(k, d2),)),
+               f"{name}.values14": (torch.uint8, (values_nbytes(s, d2),))}
+        if "dictionary_from" not in spec:
+            out[f"{name}.dictionary"] = (STORE_DTYPE, (d1, k))
+    elif spec["kind"] == "lowrank":
+        r = spec["r"]
+        out = {f"{name}.left": (STORE_DTYPE, (d1, r)), f"{name}.right": (STORE_DTYPE, (r, d2))}
+    else:
+        raise ValueError(f"unknown kind {spec['kind']!r} for {name}")
+    return out
+
+
+def write_block_factors(path: str | os.PathLike, factors: dict[str, Factors],
+                        metadata: dict | None = None,
+                        biases: dict[str, torch.Tensor] | None = None) -> None:
+    """Write one block's factors atomically; the same input always gives the same bytes."""
+    biases = biases or {}
+    unknown = set(biases) - set(factors)
+    if unknown:
+        raise ValueError(f"biases given for modules without factors: {sorted(unknown)}")
+    modules: dict[str, dict] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    owners: dict[str, str] = {}  # dictionary digest -> module storing it
+    for name in sorted(factors):
+        spec, module_tensors = encode_module(name, factors[name])
+        if spec["kind"] == "dictionary":
+            key = f"{name}.dictionary"
+            digest = _digest(module_tensors[key])
+            if digest in owners:
+                spec["dictionary_from"] = owners[digest]
+                del module_tensors[key]
+            else:
+                owners[digest] = name
+        bias = biases.get(name)
+        spec["bias"] = bias is not None
+        if bias is not None:
+            if tuple(bias.shape) != (spec["d2"],):
+                raise ValueError(f"{name}: bias shape {tuple(bias.shape)} != ({spec['d2']},)")
+            module_tensors[f"{name}.bias"] = bias.detach().cpu().contiguous()
+        modules[name] = spec
+        tensors.update(module_tensors)
+    header = {"format": FORMAT, "version": VERSION, "modules": modules,
+              "metadata": metadata or {}}
+    meta = {METADATA_KEY: json.dumps(header, sort_keys=True, separators=(",", ":"))}
+    write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def read_block_header(path: str | os.PathLike) -> dict:
+    """The parsed ``cospadi`` header of a factor file, checked against its tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FactorFileError(f"factor file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(METADATA_KEY)
+            stored = {key: handle.get_slice(key) for key in handle.keys()}
+            shapes = {key: (sl.get_dtype(), tuple(sl.get_shape())) for key, sl in stored.items()}
+    except (SafetensorError, OSError) as err:
+        raise FactorFileError(f"factor file {path} is not a readable safetensors file: {err}") \
+            from err
+    if raw is None:
+        raise FactorFileError(f"factor file {path} has no '{METADATA_KEY}' metadata")
+    try:
+        header = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise FactorFileError(f"factor file {path} has corrupt metadata: {err}") from err
+    if header.get("format") != FORMAT or header.get("version") != VERSION:
+        raise FactorFileError(f"factor file {path} is not {FORMAT} version {VERSION}")
+    _check_tensors(path, header["modules"], shapes)
+    return header
+
+
+_SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.bfloat16: "BF16"}
+
+
+def _check_tensors(path: Path, modules: dict, shapes: dict) -> None:
+    wanted: set[str] = set()
+    for name, spec in modules.items():
+        try:
+            expected = expected_tensors(name, spec)
+        except (KeyError, ValueError) as err:
+            raise FactorFileError(f"factor file {path}: bad header entry for {name}: {err}") \
+                from err
+        owner = spec.get("dictionary_from")
+        if owner is not None and not _can_lend(modules.get(owner), spec):
+            raise FactorFileError(f"factor file {path}: {name} borrows the dictionary of "
+                                  f"{owner}, which does not store one")
+        if spec.get("bias"):
+            expected[f"{name}.bias"] = (None, (spec["d2"],))
+        for key, (dtype, shape) in expected.items():
+            if key not in shapes:
+                raise FactorFileError(f"factor file {path} lacks tensor {key}")
+            got_dtype, got_shape = shapes[key]
+            if got_shape != shape or (dtype is not None
+                                      and got_dtype != _SAFETENSORS_DTYPES[dtype]):
+                raise FactorFileError(f"factor file {path}: {key} is {got_dtype} {got_shape}, "
+                                      f"expected {shape}")
+        wanted.update(expected)
+    extra = set(shapes) - wanted
+    if extra:
+        raise FactorFileError(f"factor file {path} holds unexpected tensors {sorted(extra)}")
+
+
+def _can_lend(owner: dict | None, borrower: dict) -> bool:
+    return (owner is not None and owner.get("kind") == "dictionary"
+            and "dictionary_from" not in owner
+            and (owner.get("d1"), owner.get("k")) == (borrower["d1"], borrower["k"]))
+
+
+def read_block_file(path: str | os.PathLike) -> BlockFile:
+    """Factors (float32; values as stored in 14 bits), biases and caller metadata.
+
+    Modules sharing a dictionary get the same tensor back, as the solver handed them out.
+    """
+    header = read_block_header(path)
+    factors: dict[str, Factors] = {}
+    biases: dict[str, torch.Tensor] = {}
+    dictionaries: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for name, spec in sorted(header["modules"].items()):
+                if spec["kind"] == "dictionary":
+                    owner = spec.get("dictionary_from", name)
+                    if owner not in dictionaries:
+                        dictionaries[owner] = handle.get_tensor(f"{owner}.dictionary").float()
+                    support, values = unpack_codes(handle.get_tensor(f"{name}.mask"),
+                                                   handle.get_tensor(f"{name}.values14"),
+                                                   spec["k"], spec["d2"], spec["s"])
+                    factors[name] = DictionaryFactors(dictionaries[owner], support, values)
+                else:
+                    factors[name] = LowRankFactors(handle.get_tensor(f"{name}.left").float(),
+                                                   handle.get_tensor(f"{name}.right").float())
+                if spec.get("bias"):
+                    biases[name] = handle.get_tensor(f"{name}.bias")
+    except (SafetensorError, ValueError, KeyError) as err:
+        raise FactorFileError(f"factor file {path} is corrupt: {err}") from err
+    return BlockFile(factors, biases, header.get("metadata", {}))
+
+
+def read_block_factors(path: str | os.PathLike) -> dict[str, Factors]:
+    """The factors of every module in a block file (see :func:`read_block_file`)."""
+    return read_block_file(path).factors
