@@ -1,0 +1,131 @@
+"""Batch-OMP: exactly ``s`` atoms per column, Gram-based, vectorised over many columns.
+
+Given ``G = D^T D`` (k x k) and ``A = D^T W`` (k x N) it never touches ``D`` or ``W``.
+Each column keeps ``L^{-T}`` of the Cholesky factor of its selected atoms' Gram, grown one
+row per step (``U`` below, in selection coordinates). Step j of every column at once:
+
+    i_j   = argmax |alpha| over unselected atoms
+    l     = U^T G[I, i_j]                   (new row of the Cholesky factor L)
+    l_jj  = sqrt(G[i_j, i_j] - |l|^2)
+    u_j   = (e_j - U l) / l_jj              (direction of the new orthonormalised atom)
+    c_j   = u_j . alpha[I]                  (residual's component along it)
+    alpha -= c_j G u_j                      (one dense matmul over all columns)
+    gamma += c_j u_j
+
+so the correlation update, the bulk of the work, is one ``(N x k) @ (k x k)`` matmul per
+step rather than N scattered matrix-vector products. Columns are processed in chunks sized
+from a memory budget, so peak memory is bounded whatever N is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_MEMORY_BYTES = 1 << 30
+
+
+@dataclass
+class SparseCodes:
+    support: torch.Tensor  # s x N int64, ascending within each column
+    values: torch.Tensor  # s x N
+
+    def dense(self, k: int) -> torch.Tensor:
+        codes = torch.zeros(k, self.support.shape[1], dtype=self.values.dtype,
+                            device=self.values.device)
+        return codes.scatter_(0, self.support, self.values)
+
+
+def chunk_columns(k: int, s: int, itemsize: int, max_chunk: int,
+                  memory_bytes: int = DEFAULT_MEMORY_BYTES) -> int:
+    """Columns per chunk: per-column state is U (s x s) plus ~4 k-vectors."""
+    per_column = itemsize * (s * s + 4 * k + 2 * s) + 8 * s
+    return max(1, min(max_chunk, memory_bytes // per_column))
+
+
+def batch_omp(gram: torch.Tensor, correlations: torch.Tensor, sparsity: int,
+              max_chunk: int = 8192, memory_bytes: int = DEFAULT_MEMORY_BYTES) -> SparseCodes:
+    """Code every column of ``W`` with exactly ``sparsity`` atoms of ``D``.
+
+    ``gram`` is ``D^T D`` (k x k), ``correlations`` is ``D^T W`` (k x N), same dtype/device.
+    """
+    k, n_columns = correlations.shape
+    if gram.shape != (k, k):
+        raise ValueError(f"Gram {tuple(gram.shape)} does not match correlations {(k, n_columns)}")
+    if not 1 <= sparsity <= k:
+        raise ValueError(f"sparsity must be in [1, {k}], got {sparsity}")
+    chunk = chunk_columns(k, sparsity, correlations.element_size(), max_chunk, memory_bytes)
+    supports, values = [], []
+    for start in range(0, n_columns, chunk):
+        block = correlations[:, start:start + chunk].T.contiguous()
+        support, coefficients = _omp_chunk(gram, block, sparsity)
+        supports.append(support)
+        values.append(coefficients)
+    support = torch.cat(supports, dim=0)
+    coefficients = torch.cat(values, dim=0)
+    order = support.argsort(dim=1)
+    support = support.gather(1, order)
+    coefficients = coefficients.gather(1, order)
+    return SparseCodes(support.T.contiguous(), coefficients.T.contiguous())
+
+
+def _omp_chunk(gram: torch.Tensor, alpha0: torch.Tensor,
+               sparsity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """OMP for the N columns of one chunk; ``alpha0`` is N x k. Returns N x s support/values
+    in selection order."""
+    n, k = alpha0.shape
+    dtype, device = alpha0.dtype, alpha0.device
+    # An atom whose remaining norm falls below this share of its own norm is linearly
+    # dependent on the selected ones: take it with coefficient 0 instead of dividing by ~0.
+    dependent = 100 * torch.finfo(dtype).eps
+    diag = gram.diagonal()
+    rows = torch.arange(n, device=device)
+    alpha = alpha0.clone()
+    selected = torch.zeros(n, k, dtype=torch.bool, device=device)
+    support = torch.zeros(n, sparsity, dtype=torch.long, device=device)
+    gamma = torch.zeros(n, sparsity, dtype=dtype, device=device)
+    direction = torch.zeros(n, k, dtype=dtype, device=device)
+    # U = L^{-T} and its transpose, zero-padded to a capacity that grows in blocks: both
+    # products below are then contiguous vector-matrix bmm's (a strided slice would be
+    # copied every step, and matrix-vector bmm is several times slower on CPU).
+    capacity = 0
+    inv_lt = inv_l = torch.zeros(n, 0, 0, dtype=dtype, device=device)
+    for j in range(sparsity):
+        if j + 1 > capacity:
+            capacity = min(sparsity, capacity + _GROWTH)
+            inv_lt = _grow(inv_lt, capacity)
+            inv_l = _grow(inv_l, capacity)
+        score = alpha.abs().masked_fill_(selected, -1.0)
+        atom = score.argmax(dim=1)
+        support[:, j] = atom
+        selected[rows, atom] = True
+        atom_norm2 = diag[atom]
+        # cross = G[I, i_j], zero-padded to capacity so that padding rows of U contribute 0
+        cross = torch.zeros(n, capacity, dtype=dtype, device=device)
+        cross[:, :j] = gram[atom].gather(1, support[:, :j])
+        l_row = torch.bmm(cross.unsqueeze(1), inv_lt).squeeze(1)  # l = U^T g
+        remaining = atom_norm2 - (l_row * l_row).sum(dim=1)
+        u = torch.bmm(l_row.unsqueeze(1), inv_l).squeeze(1).neg_()  # -(U l)
+        u[:, j] = 1.0
+        independent = remaining > dependent * atom_norm2
+        l_jj = remaining.clamp_min(torch.finfo(dtype).tiny).sqrt()
+        u = torch.where(independent[:, None], u / l_jj[:, None], torch.zeros_like(u))
+        u = u[:, :j + 1]
+        inv_lt[:, :j + 1, j] = u
+        inv_l[:, j, :j + 1] = u
+        coefficient = (u * alpha.gather(1, support[:, :j + 1])).sum(dim=1)
+        direction.zero_().scatter_(1, support[:, :j + 1], u)
+        alpha.sub_(coefficient[:, None] * (direction @ gram))
+        gamma[:, :j + 1].add_(coefficient[:, None] * u)
+    return support, gamma
+
+
+_GROWTH = 32
+
+
+def _grow(matrix: torch.Tensor, capacity: int) -> torch.Tensor:
+    grown = matrix.new_zeros(matrix.shape[0], capacity, capacity)
+    old = matrix.shape[1]
+    grown[:, :old, :old] = matrix
+    return grown

@@ -1,0 +1,75 @@
+"""Whitening from a calibration Gram: a factor R with R^T R = G (METHOD.md).
+
+``||X (W - W_hat)||_F = ||R (W - W_hat)||_F``, so the solvers work on ``R W`` and map the
+dictionary back with ``R^{-1}``. Three paths, tried in order, all in float64:
+
+1. ``cholesky``: G is numerically positive definite.
+2. ``shifted-cholesky``: G + (max(0, -lambda_min) + eps * mean_diag) I. The shift is
+   relative to the Gram's own scale (an absolute 1e-6, as in SVD-LLM, is meaningless for
+   Grams whose entries run to 1e4 and fails on 13B models).
+3. ``eigen``: eigen-decomposition with eigenvalues clamped to that same floor; R is then a
+   full (not triangular) matrix with a known inverse.
+
+Never an explicit inverse on the Cholesky paths: un-whitening is a triangular solve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+RELATIVE_SHIFT = 1e-6
+
+
+@dataclass
+class Whitening:
+    factor: torch.Tensor  # R, d x d float64; upper-triangular unless path == "eigen"
+    path: str
+    shift: float  # added to the diagonal (0.0 on the plain Cholesky path)
+    inverse: torch.Tensor | None = None  # R^{-1}, only on the eigen path
+
+    def whiten(self, weight: torch.Tensor) -> torch.Tensor:
+        """R W for W of shape d1 x d2."""
+        return self.factor @ weight.to(self.factor.dtype)
+
+    def unwhiten(self, whitened: torch.Tensor) -> torch.Tensor:
+        """R^{-1} M, by triangular solve where R is triangular."""
+        whitened = whitened.to(self.factor.dtype)
+        if self.inverse is not None:
+            return self.inverse @ whitened
+        return torch.linalg.solve_triangular(self.factor, whitened, upper=True)
+
+
+class GramError(ValueError):
+    pass
+
+
+def whitening_from_gram(gram: torch.Tensor, relative_shift: float = RELATIVE_SHIFT) -> Whitening:
+    if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+        raise GramError(f"Gram must be square, got shape {tuple(gram.shape)}")
+    gram = gram.to(torch.float64)
+    if not torch.isfinite(gram).all():
+        raise GramError("Gram holds NaN or Inf values")
+    gram = (gram + gram.T) / 2  # accumulation order can leave it a hair asymmetric
+    scale = gram.diagonal().mean().item()
+    if scale <= 0.0:
+        raise GramError("Gram is zero: the layer saw no (non-zero) calibration inputs")
+
+    lower, info = torch.linalg.cholesky_ex(gram)
+    if info.item() == 0:
+        return Whitening(lower.mT.contiguous(), "cholesky", 0.0)
+
+    floor = relative_shift * scale
+    lambda_min = torch.linalg.eigvalsh(gram)[0].item()
+    shift = max(0.0, -lambda_min) + floor
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    lower, info = torch.linalg.cholesky_ex(gram + shift * eye)
+    if info.item() == 0:
+        return Whitening(lower.mT.contiguous(), "shifted-cholesky", shift)
+
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    root = eigenvalues.clamp_min(floor).sqrt()
+    factor = root[:, None] * eigenvectors.mT
+    inverse = eigenvectors / root[None, :]
+    return Whitening(factor, "eigen", floor, inverse)
