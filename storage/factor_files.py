@@ -54,7 +54,8 @@ class BlockFile:
     metadata: dict = field(default_factory=dict)
 
 
-def _digest(tensor: torch.Tensor) -> str:
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """Content hash (shape + raw bytes): equal digests mean a dictionary can be stored once."""
     data = tensor.contiguous().view(torch.uint8).numpy().tobytes()
     return hashlib.sha256(str(tuple(tensor.shape)).encode() + data).hexdigest()
 
@@ -119,7 +120,7 @@ def write_block_factors(path: str | os.PathLike, factors: dict[str, Factors],
         spec, module_tensors = encode_module(name, factors[name])
         if spec["kind"] == "dictionary":
             key = f"{name}.dictionary"
-            digest = _digest(module_tensors[key])
+            digest = tensor_digest(module_tensors[key])
             if digest in owners:
                 spec["dictionary_from"] = owners[digest]
                 del module_tensors[key]
