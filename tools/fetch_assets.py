@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import wikitext  # noqa: E402  (sibling module; tools/ is not a package)
 
 MANIFEST_FORMAT = 1
+CONVERTER_VERSION = 1  # bump when convert_gguf's output changes: cached models get rebuilt
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,8 @@ def text_params(eval_fraction: float) -> dict:
 
 
 def model_params(dtype: str, max_shard_size: str) -> dict:
-    return {"dtype": dtype, "max_shard_size": max_shard_size, "gguf": GGUF_MEMBER}
+    return {"dtype": dtype, "max_shard_size": max_shard_size, "gguf": GGUF_MEMBER,
+            "converter_version": CONVERTER_VERSION}
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str, max_shard_size: str) -> None:
@@ -180,16 +182,23 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str, max_shard_size: str
     tests/test_assets.py guards that.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    model = model.to(getattr(torch, dtype))
-    # Weights are now plain dense tensors: drop the GGUF marker so loaders see a dense model.
-    for attr in ("quantization_config", "_name_or_path"):
-        if hasattr(model.config, attr):
-            delattr(model.config, attr)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # The loaded model still carries a GGUF quantizer that refuses to serialise; its weights
+    # are plain dense tensors, so move them into a fresh model built from a clean config.
+    cfg = gguf_model.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path",
+                "transformers_version"):
+        cfg.pop(key, None)
+    cfg["dtype"] = dtype
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.generation_config = gguf_model.generation_config
+    model = model.to(getattr(torch, dtype)).eval()
+    del gguf_model
     tok.model_max_length = model.config.max_position_embeddings
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     tok.save_pretrained(out_dir)
