@@ -1,0 +1,207 @@
+"""The one typed settings object of ``cospadi compress``, validated at the edge.
+
+Sources, later winning: dataclass defaults < YAML file (``--config``) < command-line flags.
+YAML keys may use dashes or underscores (``group-size`` = ``group_size``); an unknown key or
+a value of the wrong type is an error that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or invalid (the message names it)."""
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    model: str | None = None  # local directory or hub id
+    out: str | None = None
+    method: str = "cospadi"  # cospadi | svd-llm
+    ratio: float = 0.3  # compression ratio gamma: fraction of parameters removed
+    rho: float = 2.0  # atoms per non-zero, k / s
+    iters: int = 60  # K-SVD iterations
+    power_iters: int = 8
+    seed: int = 42
+    group_size: int = 1  # consecutive blocks sharing q, k, v, gate, up dictionaries
+    calib_text: str | None = None
+    calib_samples: int = 256
+    seq_len: int = 1024
+    micro_batch: int = 8  # samples per block forward
+    propagate: str = "original"  # original | compressed
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # block compute dtype: auto | float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"  # sdpa | eager
+    work_dir: str | None = None  # default: <out>.work
+    scheduler: str | None = None  # None / "threads" / "sync": local; else dask address
+    workers: int = 2  # local scheduler threads
+    max_inflight: int = 2  # blocks captured ahead of factorisation (bounds memory and disk)
+    keep_work: bool = False  # keep Grams and activations after use
+    torch_threads: int | None = None  # intra-op threads per process (None: torch default)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def work_path(self) -> Path:
+        if self.work_dir:
+            return Path(self.work_dir)
+        if not self.out:
+            raise ConfigError("--out is required")
+        out = Path(self.out)
+        return out.parent / f"{out.name}.work"
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def resolved_dtype(self) -> str:
+        if self.dtype == "auto":
+            return "float32" if self.resolved_device() == "cpu" else "bfloat16"
+        return self.dtype
+
+    def local_scheduler(self) -> str | None:
+        """"threads" or "sync" when running in-process, None for a dask.distributed address."""
+        if self.scheduler in (None, "threads", "local"):
+            return "threads"
+        if self.scheduler in ("sync", "synchronous"):
+            return "sync"
+        return None
+
+    def fingerprint_settings(self) -> dict[str, Any]:
+        """Settings that change the outputs (resuming with other values would mix runs)."""
+        keep = ("method", "ratio", "rho", "iters", "power_iters", "seed", "group_size",
+                "calib_samples", "seq_len", "micro_batch", "propagate",
+                "attn_implementation")
+        settings = {key: getattr(self, key) for key in keep}
+        settings["dtype"] = self.resolved_dtype()
+        return settings
+
+
+CHOICES = {
+    "method": ("cospadi", "svd-llm"),
+    "propagate": ("original", "compressed"),
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "attn_implementation": ("sdpa", "eager"),
+}
+
+
+def validate(cfg: CompressConfig) -> None:
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, "
+                              f"got {getattr(cfg, key)!r}")
+    if not (0.0 < cfg.ratio < 1.0):
+        raise ConfigError(f"ratio must lie in (0, 1), got {cfg.ratio}")
+    if not cfg.rho >= 1.0:
+        raise ConfigError(f"rho must be >= 1, got {cfg.rho}")
+    for key in ("iters", "power_iters", "group_size", "calib_samples", "seq_len",
+                "micro_batch", "workers", "max_inflight"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.torch_threads is not None and cfg.torch_threads < 1:
+        raise ConfigError(f"torch-threads must be >= 1, got {cfg.torch_threads}")
+    device = cfg.device
+    if not (device in ("auto", "cpu", "cuda") or
+            (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(CompressConfig)
+
+
+def _accepts(value: Any, hint: Any) -> tuple[bool, Any]:
+    """Whether ``value`` fits type ``hint``; returns the (possibly widened) value."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        for option in typing.get_args(hint):
+            ok, converted = _accepts(value, option)
+            if ok:
+                return True, converted
+        return False, value
+    if hint is type(None):
+        return value is None, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if hint is str:
+        return isinstance(value, str), value
+    return False, value
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    return "null" if hint is type(None) else hint.__name__
+
+
+def normalise(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Check keys and types of raw settings; keys may use dashes."""
+    hints = _field_types()
+    out: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in hints:
+            close = difflib.get_close_matches(key, hints, n=1)
+            hint = f" (did you mean {close[0].replace('_', '-')!r}?)" if close else ""
+            raise ConfigError(f"{source}: unknown setting {raw_key!r}{hint}")
+        ok, converted = _accepts(value, hints[key])
+        if not ok:
+            raise ConfigError(f"{source}: setting {raw_key!r} must be {_type_name(hints[key])}, "
+                              f"got {type(value).__name__} {value!r}")
+        out[key] = converted
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} is not valid YAML: "
+                          f"{str(err).splitlines()[0]}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, "
+                          f"got {type(data).__name__}")
+    return normalise(data, f"config file {path}")
+
+
+def make_config(yaml_path: str | Path | None = None,
+                overrides: dict[str, Any] | None = None) -> CompressConfig:
+    """Defaults, then the YAML file, then ``overrides`` (the flags actually given)."""
+    values: dict[str, Any] = {}
+    if yaml_path is not None:
+        values.update(load_yaml(yaml_path))
+    values.update(normalise(overrides or {}, "command line"))
+    try:
+        return CompressConfig(**values)
+    except TypeError as err:  # defensive: normalise already rejects unknown keys
+        raise ConfigError(str(err)) from err
+
+
+def setting_names() -> list[str]:
+    return [f.name for f in fields(CompressConfig)]
+
+
+def as_dict(cfg: CompressConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

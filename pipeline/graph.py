@@ -1,0 +1,118 @@
+"""The dask task graph of a run and its execution, locally or on a dask.distributed cluster.
+
+Per block: capture (inputs -> Grams and next inputs); per group: factor (Grams -> factor
+files) and, with ``--propagate compressed``, propagate (compressed outputs -> next group's
+inputs); finally assemble. Tasks already recorded done are left out and their names stand
+in as plain values. Capturing group g also waits for the factorisation of group
+g - max_inflight, which bounds the Grams and activations alive at once however deep the
+model is.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+import dask
+from dask.callbacks import Callback
+from dask.delayed import Delayed
+
+from .tasks import (
+    ASSEMBLE,
+    EMBED,
+    Job,
+    capture_name,
+    factor_name,
+    has_propagate,
+    propagate_name,
+    run_assemble,
+    run_capture,
+    run_embed,
+    run_factor,
+    run_propagate,
+)
+
+log = logging.getLogger("cospadi")
+
+
+def task_order(job: Job) -> list[str]:
+    """Every task of the run in a valid execution order."""
+    names = [EMBED]
+    for group, layers in enumerate(job.groups):
+        names += [capture_name(layer) for layer in layers]
+        names.append(factor_name(group))
+        if has_propagate(job, group):
+            names.append(propagate_name(group))
+    return names + [ASSEMBLE]
+
+
+def build_graph(job: Job, done: set[str]) -> dict[str, Delayed]:
+    """Delayed objects of the tasks not yet done, keyed (and dask-keyed) by task name."""
+    nodes: dict[str, Delayed] = {}
+
+    def node(name: str, function: Callable, *args: object) -> object:
+        if name in done:
+            return name
+        bound = functools.partial(function, job)  # job as a constant, not a dask collection
+        nodes[name] = dask.delayed(bound, pure=False)(*args, dask_key_name=name)
+        return nodes[name]
+
+    previous = node(EMBED, run_embed)  # the task producing the next block's inputs
+    factors: list[object] = []
+    for group, layers in enumerate(job.groups):
+        backpressure = [factors[group - job.config.max_inflight]] \
+            if group >= job.config.max_inflight else []
+        captures = []
+        for layer in layers:
+            previous = node(capture_name(layer), run_capture, layer, previous, *backpressure)
+            captures.append(previous)
+        factors.append(node(factor_name(group), run_factor, group, *captures))
+        if has_propagate(job, group):
+            previous = node(propagate_name(group), run_propagate, group, factors[-1],
+                            *captures)
+    node(ASSEMBLE, run_assemble, *factors)
+    return nodes
+
+
+class _Progress(Callback):
+    def __init__(self, on_done: Callable[[str], None], names: set[str]):
+        super().__init__()
+        self.on_done, self.names = on_done, names
+
+    def _posttask(self, key, result, dsk, state, worker_id) -> None:  # noqa: ANN001
+        if key in self.names:
+            self.on_done(key)
+
+
+def execute(job: Job, nodes: dict[str, Delayed], on_done: Callable[[str], None]) -> None:
+    """Run the graph; ``on_done(task)`` is called as each task completes."""
+    if not nodes:
+        return
+    targets = list(nodes.values())
+    scheduler = job.config.local_scheduler()
+    if scheduler is not None:
+        with _Progress(on_done, set(nodes)):
+            dask.compute(*targets, scheduler=scheduler, num_workers=job.config.workers)
+        return
+    _execute_distributed(job, targets, on_done)
+
+
+def _execute_distributed(job: Job, targets: list[Delayed],
+                         on_done: Callable[[str], None]) -> None:
+    from distributed import Client, as_completed
+
+    log.info("submitting %d tasks to dask scheduler %s", len(targets), job.config.scheduler)
+    try:
+        client = Client(job.config.scheduler, set_as_default=False, timeout="30s")
+    except OSError as err:
+        raise ConnectionError(f"cannot reach dask scheduler {job.config.scheduler}: "
+                              f"{err}") from err
+    with client:
+        futures = client.compute(targets)
+        try:
+            for future in as_completed(futures):
+                on_done(future.result())
+        except BaseException:
+            client.cancel(futures)
+            raise

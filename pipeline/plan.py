@@ -1,0 +1,191 @@
+"""The ``--dry-run`` plan: per-matrix sizes and the disk and memory a run will need.
+
+Everything is computed from the config and the checkpoint headers; nothing is loaded.
+Memory figures are estimates (stated as such): the dominant buffers of each task, not an
+allocator trace.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ..stages.build_block import ModelSkeleton
+from ..stages.compress_block import plan_groups, solve_units
+from ..stages.projections import INPUTS, PROJECTIONS
+from ..stages.sizing import (
+    DENSE_BYTES_PER_PARAM,
+    dictionary_bytes,
+    dictionary_shape,
+    svd_rank,
+)
+from ..storage.shards import ShardReader
+from .config import CompressConfig
+
+INTERPRETER_BYTES = 600 << 20  # python + torch + transformers imported (measured ~0.5 GB)
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class MatrixPlan:
+    projection: str
+    members: int  # layers sharing one solve
+    d1: int
+    d2: int  # per member
+    k: int | None
+    s: int | None
+    r: int | None
+    bytes: int  # stored bytes of one solve (all members)
+    params: int
+    count: int = 0  # solves of this kind in the model
+
+    @property
+    def dense_params(self) -> int:
+        return self.d1 * self.d2 * self.members
+
+
+@dataclass
+class Plan:
+    matrices: list[MatrixPlan]
+    num_layers: int
+    groups: int
+    disk: dict[str, int] = field(default_factory=dict)
+    host_bytes: int = 0
+    device_bytes: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    @property
+    def kept_params(self) -> float:
+        return sum(m.params * m.count for m in self.matrices) / \
+            sum(m.dense_params * m.count for m in self.matrices)
+
+    @property
+    def kept_bytes(self) -> float:
+        return sum(m.bytes * m.count for m in self.matrices) / \
+            sum(DENSE_BYTES_PER_PARAM * m.dense_params * m.count for m in self.matrices)
+
+
+def matrix_plan(cfg: CompressConfig, projection: str, members: int, d1: int,
+                d2: int) -> MatrixPlan:
+    total_d2 = d2 * members
+    if cfg.method == "svd-llm":
+        shape = svd_rank(d1, total_d2, cfg.ratio)
+        return MatrixPlan(projection, members, d1, d2, None, None, shape.r, shape.bytes,
+                          shape.params)
+    shape = dictionary_shape(d1, total_d2, cfg.ratio, cfg.rho)
+    return MatrixPlan(projection, members, d1, d2, shape.k, shape.s, None,
+                      dictionary_bytes(d1, total_d2, shape.k, shape.s), shape.params)
+
+
+def make_plan(cfg: CompressConfig, skeleton: ModelSkeleton, reader: ShardReader) -> Plan:
+    config = skeleton.config
+    layers = skeleton.num_layers
+    groups = plan_groups(layers, cfg.group_size)
+    shapes = {proj: skeleton.projection_shape(proj) for proj in PROJECTIONS}
+    counts: Counter[tuple[str, int]] = Counter()
+    for members in groups:
+        for projection, unit in solve_units(members):
+            counts[(projection, len(unit))] += 1
+    matrices = []
+    for (projection, members), count in counts.items():
+        matrix = matrix_plan(cfg, projection, members, *shapes[projection])
+        matrix.count = count
+        matrices.append(matrix)
+    matrices.sort(key=lambda m: (PROJECTIONS.index(m.projection), -m.members))
+
+    dtype = cfg.resolved_dtype()
+    act_bytes = _DTYPE_BYTES[dtype]
+    hidden, inter = config.hidden_size, config.intermediate_size
+    input_dims = {name: shapes[projs[0]][0] for name, projs in INPUTS.items()}
+    gram_block = sum(8 * d * d for d in input_dims.values())
+    act_store = cfg.calib_samples * cfg.seq_len * hidden * act_bytes
+    factor_bytes = sum(m.bytes * m.count for m in matrices)
+    per_file_dict = 0
+    if cfg.method == "cospadi":  # a shared dictionary is stored in every member's file
+        per_file_dict = sum(2 * m.d1 * (m.k or 0) * (m.members - 1) * m.count for m in matrices)
+    projection_keys = {f"{skeleton.layer_path(i)}.{p}.weight"
+                       for i in range(layers) for p in PROJECTIONS}
+    other_bytes = _other_tensor_bytes(reader, projection_keys)
+    alive_blocks = layers if cfg.keep_work else \
+        min(layers, (cfg.max_inflight + 1) * cfg.group_size)
+    alive_acts = layers + 1 if cfg.keep_work else \
+        (cfg.group_size + 2 if cfg.propagate == "compressed" else 2)
+    disk = {"grams": gram_block * alive_blocks, "activations": act_store * alive_acts,
+            "factors": factor_bytes + per_file_dict, "output": factor_bytes + other_bytes}
+
+    # dominant buffers of the two heavy tasks (estimate)
+    block_params = sum(d1 * d2 for d1, d2 in shapes.values())
+    heads = config.num_attention_heads
+    forward = cfg.micro_batch * cfg.seq_len * (6 * hidden + 3 * inter) * 4 + \
+        cfg.micro_batch * heads * cfg.seq_len * cfg.seq_len * 4
+    capture = block_params * act_bytes + gram_block + forward
+    widest = max(matrices, key=lambda m: m.d1 * m.d2 * m.members)
+    solve = 8 * (4 * widest.d1 * widest.d2 * widest.members + 3 * widest.d1 * widest.d1)
+    embed = config.vocab_size * hidden * act_bytes
+    task = max(capture, solve + 2 * gram_block, embed + forward)
+    device = cfg.resolved_device()
+    parallel = 1 if device.startswith("cuda") else cfg.workers
+    if device.startswith("cuda"):
+        host = INTERPRETER_BYTES + block_params * 2 + 2 * cfg.micro_batch * cfg.seq_len * hidden * 4
+        device_bytes = task
+    else:
+        host = INTERPRETER_BYTES + parallel * task
+        device_bytes = 0
+    return Plan(matrices, layers, len(groups), disk, host, device_bytes, device, dtype)
+
+
+def _other_tensor_bytes(reader: ShardReader, skip: set[str]) -> int:
+    total = 0
+    sizes = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1,
+             "BOOL": 1}
+    for shard in reader.shard_names:
+        for name, (dtype, shape) in reader.header(shard).items():
+            if name in skip:
+                continue
+            numel = 1
+            for dim in shape:
+                numel *= dim
+            total += numel * sizes.get(dtype, 4)
+    return total
+
+
+def human(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(nbytes) < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError
+
+
+def format_plan(cfg: CompressConfig, plan: Plan) -> str:
+    lines = [f"plan: {cfg.method} at ratio {cfg.ratio} on {plan.num_layers} blocks "
+             f"({plan.groups} groups of <= {cfg.group_size}), {cfg.calib_samples} x "
+             f"{cfg.seq_len} calibration tokens, {plan.dtype} on {plan.device}",
+             f"{'matrix':<18}{'layers':>7}{'d1 x d2':>14}{'k':>7}{'s':>7}{'r':>7}"
+             f"{'kept bytes':>13}{'x solves':>9}"]
+    for m in plan.matrices:
+        lines.append(f"{m.projection:<18}{m.members:>7}{f'{m.d1} x {m.d2}':>14}"
+                     f"{m.k if m.k is not None else '-':>7}{m.s if m.s is not None else '-':>7}"
+                     f"{m.r if m.r is not None else '-':>7}{human(m.bytes):>13}{m.count:>9}")
+    lines.append(f"kept fraction of projection params {plan.kept_params:.3f}, of bf16 bytes "
+                 f"{plan.kept_bytes:.3f}")
+    disk = plan.disk
+    lines.append("work dir disk (peak): grams " + human(disk["grams"]) + ", activations "
+                 + human(disk["activations"]) + ", factors " + human(disk["factors"])
+                 + f"; output {human(disk['output'])}")
+    memory = f"expected peak memory (estimate): host {human(plan.host_bytes)}"
+    if plan.device_bytes:
+        memory += f", device {human(plan.device_bytes)}"
+    lines.append(memory)
+    return "\n".join(lines)
+
+
+def plan_json(cfg: CompressConfig, plan: Plan) -> dict:
+    return {
+        "matrices": [{"projection": m.projection, "layers_per_solve": m.members, "d1": m.d1,
+                      "d2": m.d2, "k": m.k, "s": m.s, "r": m.r, "bytes": m.bytes,
+                      "params": m.params, "solves": m.count} for m in plan.matrices],
+        "kept_params": plan.kept_params, "kept_bytes": plan.kept_bytes,
+        "disk": plan.disk, "host_bytes": plan.host_bytes, "device_bytes": plan.device_bytes,
+    }

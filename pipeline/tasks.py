@@ -1,0 +1,290 @@
+"""The pipeline's tasks: embed, capture, factor, propagate, assemble.
+
+Each task is a plain function of a picklable :class:`Job` (so dask.distributed workers can
+run it), re-derives what it needs from disk, writes its outputs atomically, and only then
+records itself done. Re-running a task whose record is missing overwrites any torn attempt
+and, every computation being deterministic, produces the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..stages.block_inputs import BlockInputs
+from ..stages.build_block import ModelSkeleton, apply_factors, build_block, load_skeleton
+from ..stages.calibration import calibration_ids, load_tokenizer, read_text
+from ..stages.capture import capture_block, forward_blocks, micro_batches
+from ..stages.compress_block import compress_group
+from ..stages.projections import module_path
+from ..storage.activation_store import ActivationReader, write_activations
+from ..storage.durable_dir import remove_tree
+from ..storage.gram_store import read_grams, write_grams
+from ..storage.shards import ShardReader
+from .config import CompressConfig
+from .manifest import WorkDir, is_done, mark_done
+
+log = logging.getLogger("cospadi")
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a task needs, resolved once by the driver (picklable)."""
+
+    config: CompressConfig
+    model_dir: str
+    calib_text: str
+    work_root: str
+    out: str
+    num_layers: int
+    groups: tuple[tuple[int, ...], ...]
+    device: str
+    dtype: str
+
+    @property
+    def work(self) -> WorkDir:
+        return WorkDir(Path(self.work_root))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def compressed(self) -> bool:
+        return self.config.propagate == "compressed"
+
+    def group_of(self, layer: int) -> int:
+        return next(g for g, members in enumerate(self.groups) if layer in members)
+
+
+# task names ------------------------------------------------------------------------------
+
+def capture_name(layer: int) -> str:
+    return f"capture-{layer:04d}"
+
+
+def factor_name(group: int) -> str:
+    return f"factor-{group:04d}"
+
+
+def propagate_name(group: int) -> str:
+    return f"propagate-{group:04d}"
+
+
+EMBED, ASSEMBLE = "embed", "assemble"
+
+
+# device exclusivity ----------------------------------------------------------------------
+
+# Process-wide by nature: one GPU runs one task at a time, whatever thread asks for it.
+_LOCAL_GATES: dict[str, threading.Lock] = {}
+_GATES_GUARD = threading.Lock()
+
+
+def device_gate(device: str):
+    """Serialise device work per GPU: a distributed.Lock on a cluster, a thread lock here."""
+    if not device.startswith("cuda"):
+        return contextlib.nullcontext()
+    try:
+        from distributed import Lock, get_worker
+
+        get_worker()
+        return Lock(f"cospadi-device-{device}")
+    except (ImportError, ValueError):
+        with _GATES_GUARD:
+            return _LOCAL_GATES.setdefault(device, threading.Lock())
+
+
+def _setup(job: Job) -> tuple[ModelSkeleton, ShardReader]:
+    if job.config.torch_threads:
+        torch.set_num_threads(job.config.torch_threads)
+    skeleton = load_skeleton(job.model_dir, job.config.attn_implementation)
+    return skeleton, ShardReader(job.model_dir)
+
+
+def _writes_dense_output(job: Job, layer: int) -> bool:
+    """Does capture(layer) also write the next block's inputs?"""
+    if layer + 1 >= job.num_layers:
+        return False
+    if not job.compressed:
+        return True
+    return job.group_of(layer + 1) == job.group_of(layer)  # dense only inside a group
+
+
+def has_propagate(job: Job, group: int) -> bool:
+    """Compressed mode pushes every group but the last through its compressed blocks."""
+    return job.compressed and group < len(job.groups) - 1
+
+
+def _input_consumed_by_capture(job: Job, layer: int) -> bool:
+    """May capture(layer) delete its input? (a group start's input may feed propagate)."""
+    group = job.group_of(layer)
+    return job.groups[group][0] != layer or not has_propagate(job, group)
+
+
+# tasks -----------------------------------------------------------------------------------
+
+def run_embed(job: Job) -> str:
+    if is_done(job.work, EMBED):
+        return EMBED
+    start = time.perf_counter()
+    skeleton, reader = _setup(job)
+    cfg = job.config
+    ids = calibration_ids(read_text(job.calib_text), load_tokenizer(job.model_dir),
+                          cfg.calib_samples, cfg.seq_len, source=f"calibration text "
+                                                                   f"{job.calib_text}")
+    device = torch.device(job.device)
+    with device_gate(job.device):
+        inputs = BlockInputs(skeleton, reader, job.torch_dtype, device)
+        shape = (cfg.calib_samples, cfg.seq_len, skeleton.config.hidden_size)
+        with write_activations(job.work.activations(0), shape, job.torch_dtype,
+                               cfg.micro_batch) as sink:
+            for lo, hi in micro_batches(cfg.calib_samples, cfg.micro_batch):
+                sink.write(lo, inputs.embed(ids[lo:hi]))
+    mark_done(job.work, EMBED, {"seconds": time.perf_counter() - start})
+    log.info("embedded %d x %d calibration tokens", cfg.calib_samples, cfg.seq_len)
+    return EMBED
+
+
+def run_capture(job: Job, layer: int, *_deps: object) -> str:
+    name = capture_name(layer)
+    if is_done(job.work, name):
+        return name
+    start = time.perf_counter()
+    skeleton, reader = _setup(job)
+    cfg, work, device = job.config, job.work, torch.device(job.device)
+    source = ActivationReader(work.activations(layer))
+    with device_gate(job.device):
+        block = build_block(skeleton, reader, layer, job.torch_dtype, device)
+        inputs = BlockInputs(skeleton, None, job.torch_dtype, device)
+        with contextlib.ExitStack() as stack:
+            sink = None
+            if _writes_dense_output(job, layer):
+                sink = stack.enter_context(write_activations(
+                    work.activations(layer + 1), source.shape, job.torch_dtype,
+                    cfg.micro_batch))
+            grams, tokens = capture_block(block, layer, inputs.layer_kwargs, source,
+                                          cfg.micro_batch, job.torch_dtype, device, sink)
+        write_grams(work.grams(layer), grams, tokens)
+    del block, grams
+    mark_done(work, name, {"seconds": time.perf_counter() - start, "tokens": tokens})
+    if not cfg.keep_work and _input_consumed_by_capture(job, layer):
+        remove_tree(work.activations(layer))
+    log.info("block %d: captured %d tokens in %.1f s", layer, tokens,
+             time.perf_counter() - start)
+    return name
+
+
+def _solver():
+    # imported late: the solver stack is heavy and only factor tasks need it
+    from ..stages.factorize import factorize_group
+
+    return factorize_group
+
+
+def solver_settings(job: Job):
+    from ..stages.factorize import SolverSettings
+
+    cfg = job.config
+    return SolverSettings(method=cfg.method, ratio=cfg.ratio, rho=cfg.rho, iters=cfg.iters,
+                          power_iters=cfg.power_iters, seed=cfg.seed, device=job.device)
+
+
+def factor_metadata(job: Job, layer: int, group: tuple[int, ...]) -> dict:
+    cfg = job.config
+    return {"block": layer, "group": list(group), "method": cfg.method, "ratio": cfg.ratio,
+            "rho": cfg.rho, "iters": cfg.iters, "propagate": cfg.propagate}
+
+
+def run_factor(job: Job, group_index: int, *_deps: object) -> str:
+    from ..storage.factor_files import write_block_factors
+
+    name = factor_name(group_index)
+    if is_done(job.work, name):
+        return name
+    start = time.perf_counter()
+    skeleton, reader = _setup(job)
+    work, layers = job.work, job.groups[group_index]
+    gram_cache: dict[int, tuple[dict[str, torch.Tensor], int]] = {}
+
+    def weight(layer: int, projection: str) -> torch.Tensor:
+        key = f"{module_path(skeleton.base_prefix, layer, projection)}.weight"
+        return reader.load([key], dtype=torch.float32)[key].T
+
+    def gram(layer: int, input_name: str) -> torch.Tensor:
+        if layer not in gram_cache:
+            gram_cache[layer] = read_grams(work.grams(layer))
+        grams, tokens = gram_cache[layer]
+        return grams[input_name] / tokens  # mean over tokens: comparable across members
+
+    with device_gate(job.device):
+        result = compress_group(layers, weight, gram, solver_settings(job), _solver())
+    for layer in layers:
+        factors = {module_path(skeleton.base_prefix, layer, proj): f
+                   for proj, f in result.factors[layer].items()}
+        write_block_factors(work.factors(layer), factors,
+                            factor_metadata(job, layer, layers))
+    unusual = [s for s in result.solves if s["whitening"] != "cholesky"]
+    for solve in unusual:
+        log.warning("layers %s %s: Gram singular or indefinite, whitened by %s (shift %.3g)",
+                    solve["layers"], solve["projection"], solve["whitening"], solve["shift"])
+    mark_done(work, name, {"seconds": time.perf_counter() - start, "solves": result.solves})
+    if not job.config.keep_work:
+        for layer in layers:
+            remove_tree(work.grams(layer))
+    log.info("layers %s: factorised in %.1f s", list(layers), time.perf_counter() - start)
+    return name
+
+
+def run_propagate(job: Job, group_index: int, *_deps: object) -> str:
+    """Push the group's input through its compressed blocks: the next group's input."""
+    from ..storage.factor_files import read_block_factors
+
+    name = propagate_name(group_index)
+    if is_done(job.work, name):
+        return name
+    start = time.perf_counter()
+    skeleton, reader = _setup(job)
+    cfg, work, device = job.config, job.work, torch.device(job.device)
+    layers = job.groups[group_index]
+    source = ActivationReader(work.activations(layers[0]))
+    with device_gate(job.device):
+        blocks = []
+        for layer in layers:
+            block = build_block(skeleton, reader, layer, job.torch_dtype, device)
+            stored = read_block_factors(work.factors(layer))
+            prefix = skeleton.layer_path(layer) + "."
+            local = {path.removeprefix(prefix): f for path, f in stored.items()}
+            blocks.append((layer, apply_factors(block, local)))
+        inputs = BlockInputs(skeleton, None, job.torch_dtype, device)
+        with write_activations(work.activations(layers[-1] + 1), source.shape,
+                               job.torch_dtype, cfg.micro_batch) as sink:
+            forward_blocks(blocks, inputs.layer_kwargs, source, sink, cfg.micro_batch,
+                           job.torch_dtype, device)
+    mark_done(work, name, {"seconds": time.perf_counter() - start})
+    if not cfg.keep_work:
+        remove_tree(work.activations(layers[0]))
+    log.info("layers %s: propagated compressed outputs in %.1f s", list(layers),
+             time.perf_counter() - start)
+    return name
+
+
+def run_assemble(job: Job, *_deps: object) -> str:
+    from ..stages.assemble import assemble_model
+
+    if is_done(job.work, ASSEMBLE):
+        return ASSEMBLE
+    start = time.perf_counter()
+    factor_files = [job.work.factors(layer) for layer in range(job.num_layers)]
+    # assemble_model stages the folder aside and renames it into place when complete;
+    # the driver has already checked that an existing --out is ours to replace.
+    assemble_model(job.model_dir, factor_files, job.out, overwrite=True)
+    mark_done(job.work, ASSEMBLE, {"seconds": time.perf_counter() - start})
+    log.info("assembled %s in %.1f s", job.out, time.perf_counter() - start)
+    return ASSEMBLE

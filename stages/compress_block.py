@@ -1,0 +1,67 @@
+"""Factorise the projections of a group of consecutive blocks (METHOD.md's grouping).
+
+Within a group, q, k, v, gate and up of all members share one dictionary (one solve over
+the concatenated matrices, whitened by the mean Gram); o and down are solved per layer.
+A group of one is plain per-layer compression.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .factors import Factors
+from .projections import INPUT_OF, PROJECTIONS, SHARED_IN_GROUP
+
+Solver = Callable[[list[torch.Tensor], list[torch.Tensor], object], object]  # factorize_group
+
+
+def plan_groups(num_layers: int, group_size: int) -> list[tuple[int, ...]]:
+    """Consecutive layers in groups of ``group_size`` (the last may be shorter)."""
+    if not 1 <= group_size <= num_layers:
+        raise ValueError(f"group size must lie in [1, {num_layers}] (the model's depth), "
+                         f"got {group_size}")
+    return [tuple(range(start, min(start + group_size, num_layers)))
+            for start in range(0, num_layers, group_size)]
+
+
+@dataclass
+class GroupFactors:
+    factors: dict[int, dict[str, Factors]]  # layer -> projection -> factors
+    solves: list[dict] = field(default_factory=list)  # one record per solver call
+
+
+def solve_units(layers: Sequence[int]) -> list[tuple[str, tuple[int, ...]]]:
+    """(projection, member layers) of every solver call for a group, in a fixed order."""
+    units = []
+    for projection in PROJECTIONS:
+        if projection in SHARED_IN_GROUP:
+            units.append((projection, tuple(layers)))
+        else:
+            units.extend((projection, (layer,)) for layer in layers)
+    return units
+
+
+def compress_group(layers: Sequence[int],
+                   weight: Callable[[int, str], torch.Tensor],
+                   gram: Callable[[int, str], torch.Tensor],
+                   settings: object, solver: Solver) -> GroupFactors:
+    """Solve every projection of ``layers``.
+
+    ``weight(layer, projection)`` gives W (d1 x d2, math layout) and ``gram(layer, input)``
+    the Gram of that input, both loaded on demand so only one projection's matrices are
+    held at a time.
+    """
+    result = GroupFactors({layer: {} for layer in layers})
+    for projection, members in solve_units(layers):
+        input_name = INPUT_OF[projection]
+        solved = solver([weight(layer, projection) for layer in members],
+                        [gram(layer, input_name) for layer in members], settings)
+        for layer, factors in zip(members, solved.factors, strict=True):
+            result.factors[layer][projection] = factors
+        result.solves.append({"projection": projection, "layers": list(members),
+                              "whitening": solved.whitening_path,
+                              "shift": float(solved.stats.get("whitening_shift", 0.0))})
+    return result

@@ -1,0 +1,64 @@
+"""Hidden states between blocks, on disk in zarr: samples x seq_len x hidden.
+
+One chunk per micro-batch so a forward writes exactly the chunks it owns. bfloat16 has no
+zarr dtype, so it is stored bit-exactly as uint16; resume therefore needs no replay and
+gives the same bytes as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec
+
+from .durable_dir import atomic_dir
+
+_STORED = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "uint16"}
+
+
+class ActivationWriter:
+    def __init__(self, array: zarr.Array, dtype: torch.dtype):
+        self.array, self.dtype = array, dtype
+
+    def write(self, start: int, hidden: torch.Tensor) -> None:
+        hidden = hidden.detach().to(device="cpu", dtype=self.dtype).contiguous()
+        if self.dtype == torch.bfloat16:
+            data = hidden.view(torch.uint16).numpy()
+        else:
+            data = hidden.numpy()
+        self.array[start:start + data.shape[0]] = data
+
+
+@contextlib.contextmanager
+def write_activations(path: str | Path, shape: tuple[int, int, int], dtype: torch.dtype,
+                      micro_batch: int) -> Iterator[ActivationWriter]:
+    """Create the store at ``path`` (atomically: visible only once fully written)."""
+    if dtype not in _STORED:
+        raise ValueError(f"cannot store activations of dtype {dtype}")
+    with atomic_dir(path) as tmp:
+        array = zarr.create_array(
+            store=str(tmp), shape=shape, chunks=(micro_batch, shape[1], shape[2]),
+            dtype=_STORED[dtype], compressors=[BloscCodec(cname="lz4", clevel=1)],
+            attributes={"torch_dtype": str(dtype).removeprefix("torch.")})
+        yield ActivationWriter(array, dtype)
+
+
+class ActivationReader:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.array = zarr.open_array(str(self.path), mode="r")
+        self.dtype = getattr(torch, self.array.attrs["torch_dtype"])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        data = np.ascontiguousarray(self.array[start:stop])
+        tensor = torch.from_numpy(data)
+        return tensor.view(torch.bfloat16) if self.dtype == torch.bfloat16 else tensor
