@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -40,10 +40,14 @@ def tiny_config(arch: str, layers: int = 3, **overrides):
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {f"<0x{i:02X}>": i for i in range(256)}
+    """Byte-level BPE without merges: every UTF-8 byte is a token (GPT-2 style, so the
+    Qwen tokenizer classes that transformers picks by model_type read it the same way)."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {char: i for i, char in enumerate(alphabet)}
     vocab.update({"<s>": 256, "</s>": 257, "<unk>": 258})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
-    tok.decoder = decoders.ByteFallback()
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>")
 
