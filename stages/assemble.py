@@ -30,6 +30,7 @@ from ..storage.factor_files import (
     tensor_digest,
 )
 from ..storage.hf_checkpoint import (
+    CheckpointError,
     OutTensor,
     TensorInfo,
     TensorSource,
@@ -52,6 +53,15 @@ DEFAULT_SHARD = "2GB"
 
 class AssembleError(ValueError):
     """Inputs that cannot make a consistent compressed model."""
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Unreadable checkpoints surface as AssembleError, the CLI's user-error type."""
+    try:
+        yield
+    except CheckpointError as err:
+        raise AssembleError(str(err)) from err
 
 
 @contextlib.contextmanager
@@ -151,6 +161,7 @@ def _share_dictionaries(specs: dict[str, dict], sources: dict[str, tuple[Path, s
             owners[digest] = name
 
 
+@_user_errors()
 def assemble_model(model_dir: str | os.PathLike, factor_files: list[str | os.PathLike],
                    out_dir: str | os.PathLike, *, max_shard_size: int | str = DEFAULT_SHARD,
                    overwrite: bool = False) -> Path:
@@ -220,6 +231,7 @@ def _compressed_section(config: dict, model_dir: Path) -> dict[str, dict]:
     return section["modules"]
 
 
+@_user_errors()
 def export_dense(compressed_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                  dtype: torch.dtype | None = None, max_shard_size: int | str = DEFAULT_SHARD,
                  overwrite: bool = False) -> Path:
@@ -286,6 +298,7 @@ def _add(total: dict, part: dict) -> None:
         total[key] = total.get(key, 0) + part[key]
 
 
+@_user_errors()
 def inspect_model(model_dir: str | os.PathLike) -> dict:
     """Achieved sizes of a compressed checkpoint, from its headers (no tensor data read).
 

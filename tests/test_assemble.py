@@ -199,7 +199,8 @@ def test_standalone_load_and_generate(loaded, arch) -> None:
 # Tolerance: both sides use the very same bf16 dictionary and 14-bit values in float32; they
 # differ only in association, (x D) S against x (D S), i.e. float32 rounding (~1e-7 relative)
 # summed over <= 48 terms per product and carried through 2 blocks with logits of size ~1:
-# ~1e-6. A single wrong atom, bit or rounding of a 14-bit value moves logits by >1e-3.
+# measured ~1e-6. One coefficient off by a single 14-bit step (e.g. truncation instead of
+# round-to-nearest-even) moved logits by ~2e-3 here, a wrong atom by ~0.2: 5e-5 separates them.
 ATOL = 5e-5
 
 
@@ -330,3 +331,14 @@ def test_failure_midway_leaves_no_output(built, tmp_path, monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="disk full"):
         assemble_model(b["original"], b["files"], tmp_path / "out", max_shard_size=SHARD)
     assert os.listdir(tmp_path) == []
+
+
+def test_corrupt_original_shard_is_named(built, tmp_path) -> None:
+    import shutil
+
+    original = shutil.copytree(built["qwen3"]["original"], tmp_path / "original")
+    shard = sorted(original.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(AssembleError, match=shard.name):
+        assemble_model(original, built["qwen3"]["files"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
