@@ -20,6 +20,7 @@ import torch
 from .omp import DEFAULT_MEMORY_BYTES, batch_omp
 
 COHERENCE = 0.99  # atoms closer than this to another atom are redundant
+REPLACE_STOP = 5  # iterations at the end with no atom replacement
 
 
 @dataclass
@@ -65,7 +66,7 @@ def ksvd(matrix: torch.Tensor, k: int, s: int, iters: int, power_iters: int = 8,
     residual = None
     result = KSVDResult(dictionary, None, None)  # type: ignore[arg-type]
     sync = torch.cuda.synchronize if matrix.is_cuda else (lambda: None)
-    for _ in range(iters):
+    for iteration in range(iters):
         sync()
         start = time.perf_counter()
         fresh = batch_omp(dictionary.T @ dictionary, dictionary.T @ matrix, s,
@@ -81,7 +82,8 @@ def ksvd(matrix: torch.Tensor, k: int, s: int, iters: int, power_iters: int = 8,
         sync()
         middle = time.perf_counter()
         update_atoms(dictionary, codes, residual, power_iters)
-        replace_redundant_atoms(dictionary, codes, residual)
+        if iteration < iters - REPLACE_STOP:  # the last iterations only refine
+            replace_redundant_atoms(dictionary, codes, residual)
         sync()
         result.seconds_omp += middle - start
         result.seconds_update += time.perf_counter() - middle
@@ -137,10 +139,28 @@ def _reseed(dictionary: torch.Tensor, residual: torch.Tensor, j: int, rank: int)
 
 def replace_redundant_atoms(dictionary: torch.Tensor, codes: torch.Tensor,
                             residual: torch.Tensor, coherence: float = COHERENCE) -> int:
-    """Unused atoms and atoms nearly parallel to an earlier one move to the worst-fit
-    columns (K-SVD's usual clean-up; anything bolder hurt real, low-rank-ish matrices)."""
-    similarity = (dictionary.T @ dictionary).abs().triu_(diagonal=1)
-    redundant = (similarity > coherence).any(dim=0) | (codes.square().sum(dim=1) == 0)
+    """K-SVD's escape from local minima, where two atoms share one group of columns while
+    another group has none: unused atoms, atoms nearly parallel to an earlier one, and the
+    cheapest atom when a fresh atom at the worst-fit column would clearly gain more, move
+    to the worst-fit columns.
+
+    Cost of dropping atom j ~ its code energy times the part of it no other atom explains,
+    ``|S_j|^2 (1 - max_i (d_i . d_j)^2)``; gain of an atom v along the worst residual
+    column ~ ``|R^T v|^2``. Only a clear win (cost < gain / 2) moves an atom, so a
+    well-spread dictionary is left alone.
+    """
+    similarity = (dictionary.T @ dictionary).abs().fill_diagonal_(0.0)
+    energy = codes.square().sum(dim=1)
+    redundant = (similarity.triu(diagonal=1) > coherence).any(dim=0) | (energy == 0)
+    column_energy = residual.square().sum(dim=0)
+    worst = int(column_energy.argmax())
+    if column_energy[worst] > 0:
+        direction = residual[:, worst] / column_energy[worst].sqrt()
+        gain = (residual.T @ direction).square().sum()
+        cost = energy * (1.0 - similarity.max(dim=0).values.square())
+        cheapest = int(cost.argmin())
+        if cost[cheapest] < gain / 2:
+            redundant[cheapest] = True
     targets = redundant.nonzero().squeeze(1)[: residual.shape[1]]
     if targets.numel() == 0:
         return 0

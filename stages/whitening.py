@@ -3,7 +3,7 @@
 ``||X (W - W_hat)||_F = ||R (W - W_hat)||_F``, so the solvers work on ``R W`` and map the
 dictionary back with ``R^{-1}``. Three paths, tried in order, all in float64:
 
-1. ``cholesky``: G is numerically positive definite.
+1. ``cholesky``: G is numerically positive definite (every pivot above the floor below).
 2. ``shifted-cholesky``: G + (max(0, -lambda_min) + eps * mean_diag) I. The shift is
    relative to the Gram's own scale (an absolute 1e-6, as in SVD-LLM, is meaningless for
    Grams whose entries run to 1e4 and fails on 13B models).
@@ -56,16 +56,16 @@ def whitening_from_gram(gram: torch.Tensor, relative_shift: float = RELATIVE_SHI
     if scale <= 0.0:
         raise GramError("Gram is zero: the layer saw no (non-zero) calibration inputs")
 
+    floor = relative_shift * scale
     lower, info = torch.linalg.cholesky_ex(gram)
-    if info.item() == 0:
+    if _well_posed(lower, info, floor):
         return Whitening(lower.mT.contiguous(), "cholesky", 0.0)
 
-    floor = relative_shift * scale
     lambda_min = torch.linalg.eigvalsh(gram)[0].item()
     shift = max(0.0, -lambda_min) + floor
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     lower, info = torch.linalg.cholesky_ex(gram + shift * eye)
-    if info.item() == 0:
+    if _well_posed(lower, info, floor / 2):
         return Whitening(lower.mT.contiguous(), "shifted-cholesky", shift)
 
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
@@ -73,3 +73,11 @@ def whitening_from_gram(gram: torch.Tensor, relative_shift: float = RELATIVE_SHI
     factor = root[:, None] * eigenvectors.mT
     inverse = eigenvectors / root[None, :]
     return Whitening(factor, "eigen", floor, inverse)
+
+
+def _well_posed(lower: torch.Tensor, info: torch.Tensor, floor: float) -> bool:
+    """A Cholesky that 'succeeds' on an exactly singular Gram (rounding leaves a pivot of
+    ~1e-8) would make un-whitening blow up by 1e8: demand every pivot above the floor."""
+    if info.item() != 0:
+        return False
+    return bool((lower.diagonal().square() >= floor).all())
