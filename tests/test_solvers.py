@@ -7,13 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from sklearn.linear_model import orthogonal_mp_gram
-
 from cospadi.stages.factorize import SolverSettings, factorize_group, factorize_layer
 from cospadi.stages.ksvd import ksvd, update_atoms
 from cospadi.stages.omp import batch_omp
 from cospadi.stages.sizing import dictionary_shape, svd_rank
 from cospadi.stages.whitening import whitening_from_gram
+from sklearn.linear_model import orthogonal_mp_gram
 
 F64 = torch.float64
 
@@ -125,7 +124,7 @@ def test_ksvd_monotone_mode_never_rises(seed):
     errors = result.errors
     # Monotone mode keeps a column's previous codes whenever greedy OMP would code it
     # worse, and the atom sweep is a descent step: every rise would be float64 rounding.
-    assert all(b <= a * (1 + 1e-12) for a, b in zip(errors, errors[1:])), errors
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(errors, errors[1:], strict=False)), errors
 
 
 def test_ksvd_default_mode_rises_at_most_slightly():
@@ -134,7 +133,7 @@ def test_ksvd_default_mode_rises_at_most_slightly():
     # Default mode takes fresh OMP codes every iteration (better final error, measured:
     # see README). Greedy OMP is not a descent step, so a rise of up to ~1% per iteration
     # was measured on random and low-rank matrices; 2% bounds it, and overall it descends.
-    assert all(b <= a * 1.02 for a, b in zip(errors, errors[1:])), errors
+    assert all(b <= a * 1.02 for a, b in zip(errors, errors[1:], strict=False)), errors
     assert errors[-1] < 0.95 * errors[0]
 
 
@@ -166,7 +165,8 @@ def deficient_grams():
     yield "indefinite", gram + gram.T
 
 
-@pytest.mark.parametrize("name,gram", list(deficient_grams()), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("name,gram", list(deficient_grams()),
+                         ids=lambda v: v if isinstance(v, str) else "")
 @pytest.mark.parametrize("method", ["cospadi", "svd-llm"])
 def test_deficient_grams_factorise_without_nan(name, gram, method):
     weight = torch.randn(32, 24, generator=generator(15), dtype=F64)
@@ -176,7 +176,9 @@ def test_deficient_grams_factorise_without_nan(name, gram, method):
     w_hat = result.factors[0].dense()
     assert torch.isfinite(w_hat).all()
     # the shift is relative: tiny against the Gram's scale, never the absolute 1e-6 of SVD-LLM
-    assert 0 < result.stats["whitening_shift"] <= 1e-3 * gram.diagonal().abs().mean().item() + 2 * max(0.0, -torch.linalg.eigvalsh(gram)[0].item())
+    negative_part = max(0.0, -torch.linalg.eigvalsh(gram)[0].item())
+    scale = gram.diagonal().abs().mean().item()
+    assert 0 < result.stats["whitening_shift"] <= 1e-3 * scale + 2 * negative_part
     # and the approximation is a real one, not a collapse to zero
     assert w_hat.norm() > 0.3 * weight.norm()
 
