@@ -71,9 +71,14 @@ class CospadiDictionaryLinear(nn.Module):
     """``y = (x D) S + b``: a dense matmul to k atoms, then the decoded codes.
 
     S is decoded once into a dense k x d2 matrix and cached (not saved) per device and
-    dtype: at rho = k / s = 2 it is ~half the size of the dense weight it replaces, and a
-    dense GEMM beats sparse kernels at these densities (s / k = 50 %).
+    dtype. A dense S is the smallest runtime form at rho = k / s = 2 (CSR would need 6+ bytes
+    per non-zero against 4 here) and a dense GEMM beats sparse kernels at 50 % density; it
+    does cost ~k d2 extra elements per module (about half a dense square weight). Set
+    ``cache_codes = False`` on a module (or the class) to decode on every call instead:
+    memory stays at the packed size, each forward pays the decode.
     """
+
+    cache_codes = True
 
     def __init__(self, d1: int, d2: int, k: int, s: int, bias: bool, owns_dictionary: bool):
         super().__init__()
@@ -101,11 +106,12 @@ class CospadiDictionaryLinear(nn.Module):
         # Keyed on the buffers' identity and version, so loading or moving them invalidates.
         key = (self.mask.data_ptr(), self.mask._version, self.values14.data_ptr(),
                self.values14._version, dtype, device)
-        if self._cache is None or self._cache[0] != key:
-            dense = decode_codes(self.mask, self.values14, self.k, self.out_features, self.s,
-                                 dtype).to(device)
-            object.__setattr__(self, "_cache", (key, dense))
-        return self._cache[1]
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        dense = decode_codes(self.mask, self.values14, self.k, self.out_features, self.s,
+                             dtype).to(device)
+        object.__setattr__(self, "_cache", (key, dense) if self.cache_codes else None)
+        return dense
 
     def clear_cache(self) -> None:
         object.__setattr__(self, "_cache", None)
@@ -186,7 +192,10 @@ def compressed_class(config) -> type:
     if base not in _CLASSES:
         def __init__(self, config, *args, **kwargs):
             base.__init__(self, config, *args, **kwargs)
-            swap_linears(self, config.cospadi)
+            section = getattr(config, "cospadi", None)
+            if not isinstance(section, dict):
+                raise ValueError("config has no 'cospadi' section: not a cospadi checkpoint")
+            swap_linears(self, section)
 
         _CLASSES[base] = type("CospadiForCausalLM", (base, CospadiForCausalLM), {
             "__init__": __init__, "__module__": __name__,

@@ -173,3 +173,31 @@ def test_factor_file_errors_name_the_file(tmp_path) -> None:
         read_block_factors(tmp_path / "junk.safetensors")
     with pytest.raises(ValueError, match="biases given"):
         write_block_factors(path, block_factors(), {}, biases={"x": torch.zeros(1)})
+
+
+def test_compressed_linear_forward_and_cache() -> None:
+    g = torch.Generator().manual_seed(5)
+    k, d1, d2, s = 10, 6, 9, 4
+    support, values = random_codes(k, d2, s, seed=2)
+    dictionary = torch.randn(d1, k, generator=g)
+    bias = torch.randn(d2, generator=g)
+    layer = modeling_template.CospadiDictionaryLinear(d1, d2, k, s, bias=True,
+                                                      owns_dictionary=True)
+    packed = pack_codes(support, values, k)
+    with torch.no_grad():
+        layer.dictionary.copy_(dictionary)
+        layer.bias.copy_(bias)
+        layer.mask.copy_(packed["mask"])
+        layer.values14.copy_(packed["values14"])
+    x = torch.randn(3, d1, generator=g)
+    weight = DictionaryFactors(dictionary, support, quantize_values(values)).dense()
+    torch.testing.assert_close(layer(x), x @ weight + bias, atol=1e-5, rtol=1e-5)
+    # Loading new codes in place (what from_pretrained may do) invalidates the cache.
+    other = pack_codes(support, -values, k)
+    with torch.no_grad():
+        layer.values14.copy_(other["values14"])
+    torch.testing.assert_close(layer(x), x @ -weight + bias, atol=1e-5, rtol=1e-5)
+    layer.cache_codes = False
+    layer.clear_cache()
+    torch.testing.assert_close(layer(x), x @ -weight + bias, atol=1e-5, rtol=1e-5)
+    assert layer._cache is None
