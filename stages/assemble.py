@@ -76,6 +76,8 @@ def staged_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        for path in tmp.iterdir():  # atomic writes leave mkstemp's 0600: make it readable
+            path.chmod(0o644)
         fsync_dir(tmp)  # files were fsynced by their atomic writes
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old"

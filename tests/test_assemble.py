@@ -252,6 +252,7 @@ def test_compressed_dir_layout(built) -> None:
     assert "model.layers.1.mlp.gate_proj.dictionary" not in weight_map
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / name).is_file()
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.iterdir())
     source = (out / MODELING_FILE).read_text()
     assert "cospadi." not in source.replace("cospadi.py", "")  # imports nothing of ours
 
