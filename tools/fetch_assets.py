@@ -221,7 +221,8 @@ def build_model(llm_whl: Path, dest: Path, dtype: str, max_shard_size: str) -> d
             with open(p, "rb+") as f:
                 os.fsync(f.fileno())
         fsync_dir(staged)
-        # Swap the whole folder in: readers see the old model or the new one, never a mix.
+        # Swap the whole folder in: the old model or the new one (briefly neither), never a
+        # mix; the manifest, written last, is what marks it valid.
         old = tmp / "old"
         if final.exists():
             os.replace(final, old)
