@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 from collections.abc import Callable
 
 import dask
@@ -98,11 +99,23 @@ def execute(job: Job, nodes: dict[str, Delayed], on_done: Callable[[str], None])
     _execute_distributed(job, targets, on_done)
 
 
+def probe_scheduler(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a closed port (the dask client itself retries for its whole timeout)."""
+    if not address.startswith("tcp://"):
+        return
+    host, _, port = address[len("tcp://"):].rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as err:
+        raise ConnectionError(f"cannot reach dask scheduler {address}: {err}") from err
+
+
 def _execute_distributed(job: Job, targets: list[Delayed],
                          on_done: Callable[[str], None]) -> None:
     from distributed import Client, as_completed
 
     log.info("submitting %d tasks to dask scheduler %s", len(targets), job.config.scheduler)
+    probe_scheduler(job.config.scheduler)
     try:
         client = Client(job.config.scheduler, set_as_default=False, timeout="30s")
     except OSError as err:
@@ -111,7 +124,7 @@ def _execute_distributed(job: Job, targets: list[Delayed],
     with client:
         futures = client.compute(targets)
         try:
-            for future in as_completed(futures):
+            for future in as_completed(futures, loop=client.loop):
                 on_done(future.result())
         except BaseException:
             client.cancel(futures)
