@@ -1,0 +1,244 @@
+"""Bad settings and bad inputs: one clear line naming the culprit, exit status 2, no output."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from cospadi.pipeline.cli import main
+from cospadi.pipeline.config import ConfigError, make_config
+from cospadi.pipeline.manifest import LockHeld, WorkLock
+from safetensors.torch import load_file, save_file
+from tiny_models import calib_text, make_model
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("errors")
+    model = make_model(root / "model", "llama", layers=2)
+    text = calib_text(root / "calib.txt")
+    return root, model, text
+
+
+def _args(model, text, out, *extra):
+    return ["-q", "compress", "--model", str(model), "--out", str(out), "--calib-text",
+            str(text), "--calib-samples", "4", "--seq-len", "16", "--iters", "2", *extra]
+
+
+def _fails(capsys, argv, *needles):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    line = err[-1]
+    assert line.startswith("cospadi: error: "), line
+    assert "Traceback" not in "\n".join(err)
+    for needle in needles:
+        assert needle in line, line
+    return line
+
+
+# --- config ------------------------------------------------------------------------------
+
+def test_yaml_unknown_key_and_wrong_type(tmp_path, capsys, assets):
+    _, model, text = assets
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ratio: 0.3\ngroup-sise: 2\n")
+    _fails(capsys, _args(model, text, tmp_path / "o", "--config", str(bad)),
+           "'group-sise'", "group-size")
+    bad.write_text("iters: ten\n")
+    _fails(capsys, _args(model, text, tmp_path / "o", "--config", str(bad)), "'iters'", "int")
+    bad.write_text("- a list\n")
+    _fails(capsys, _args(model, text, tmp_path / "o", "--config", str(bad)), "mapping")
+
+
+def test_flags_override_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("ratio: 0.4\nrho: 3\ngroup_size: 2\nkeep-work: true\n")
+    cfg = make_config(path, {"ratio": 0.2})
+    assert (cfg.ratio, cfg.rho, cfg.group_size, cfg.keep_work) == (0.2, 3.0, 2, True)
+    with pytest.raises(ConfigError, match="propagate"):
+        make_config(None, {"propagate": "sideways"})
+
+
+def test_presets_load():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for preset in sorted(root.glob("*.yaml")):
+        make_config(preset)
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--ratio", "1.5", "ratio"), ("--ratio", "0", "ratio"), ("--rho", "0.5", "rho"),
+    ("--iters", "0", "iters"), ("--group-size", "3", "group-size 3"),
+    ("--seq-len", "512", "seq-len 512"), ("--calib-samples", "5000", "too short"),
+    ("--method", "pca", "method"), ("--device", "tpu", "device")])
+def test_bad_settings(tmp_path, capsys, assets, flag, value, needle):
+    _, model, text = assets
+    _fails(capsys, _args(model, text, tmp_path / "o", flag, value), needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_calibration_text(tmp_path, capsys, assets):
+    _, model, _ = assets
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    _fails(capsys, _args(model, empty, tmp_path / "o"), "empty.txt", "empty")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    _fails(capsys, _args(model, latin, tmp_path / "o"), "latin.txt", "UTF-8")
+    _fails(capsys, _args(model, tmp_path / "none.txt", tmp_path / "o"), "none.txt")
+
+
+def test_dry_run_plan(tmp_path, capsys, assets):
+    _, model, text = assets
+    assert main(_args(model, text, tmp_path / "o", "--dry-run")) == 0
+    out = capsys.readouterr().out
+    for needle in ("self_attn.q_proj", "mlp.down_proj", "kept bytes", "grams", "activations",
+                   "factors", "host"):
+        assert needle in out
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.work").exists()
+
+
+# --- checkpoint problems -----------------------------------------------------------------
+
+def _copy(model: Path, dest: Path) -> Path:
+    shutil.copytree(model, dest)
+    return dest
+
+
+def _shard_with(model: Path, suffix: str) -> tuple[Path, str]:
+    index = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
+    name = next(k for k in index if k.endswith(suffix))
+    return model / index[name], name
+
+
+def test_missing_model_dir(tmp_path, capsys, assets):
+    _, _, text = assets
+    _fails(capsys, _args(tmp_path / "nope", text, tmp_path / "o"), "nope", "does not exist")
+
+
+def test_index_names_missing_shard(tmp_path, capsys, assets):
+    _, model, text = assets
+    bad = _copy(model, tmp_path / "m")
+    shard, _ = _shard_with(bad, "layers.1.mlp.up_proj.weight")
+    shard.unlink()
+    _fails(capsys, _args(bad, text, tmp_path / "o"), shard.name, "does not exist")
+
+
+def test_truncated_shard(tmp_path, capsys, assets):
+    _, model, text = assets
+    bad = _copy(model, tmp_path / "m")
+    shard, _ = _shard_with(bad, "layers.0.self_attn.v_proj.weight")
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    _fails(capsys, _args(bad, text, tmp_path / "o"), shard.name, "truncated or corrupt")
+
+
+def _rewrite(shard: Path, name: str, tensor: torch.Tensor) -> None:
+    tensors = load_file(shard)
+    tensors[name] = tensor
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
+def test_wrong_shape(tmp_path, capsys, assets):
+    _, model, text = assets
+    bad = _copy(model, tmp_path / "m")
+    shard, name = _shard_with(bad, "layers.1.self_attn.o_proj.weight")
+    _rewrite(shard, name, torch.zeros(64, 32))
+    _fails(capsys, _args(bad, text, tmp_path / "o"), name, "(64, 32)", "(64, 64)")
+
+
+def test_nan_weights(tmp_path, capsys, assets):
+    _, model, text = assets
+    bad = _copy(model, tmp_path / "m")
+    shard, name = _shard_with(bad, "layers.1.mlp.gate_proj.weight")
+    tensor = load_file(shard)[name].clone()
+    tensor[3, 5] = float("nan")
+    _rewrite(shard, name, tensor)
+    _fails(capsys, _args(bad, text, tmp_path / "o"), name, "NaN")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_architecture(tmp_path, capsys, assets):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, _, text = assets
+    config = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300, n_positions=64)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    _fails(capsys, _args(tmp_path / "gpt2", text, tmp_path / "o"), "GPT2LMHeadModel",
+           "expected")
+
+
+# --- work directory ----------------------------------------------------------------------
+
+def test_resume_refused_then_restart(tmp_path, capsys, assets):
+    _, model, text = assets
+    out, work = tmp_path / "o", tmp_path / "w"
+    assert main(_args(model, text, out, "--work-dir", str(work), "--method", "svd-llm")) == 0
+    assert main(_args(model, text, out, "--work-dir", str(work), "--method", "svd-llm")) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    line = _fails(capsys, _args(model, text, out, "--work-dir", str(work), "--method",
+                                "svd-llm", "--ratio", "0.4"), "ratio 0.3 -> 0.4", "--restart")
+    assert "model" not in line.split("setup:")[1].split("->")[0]
+    other = tmp_path / "other.txt"
+    other.write_text(text.read_text() + " more")
+    _fails(capsys, _args(model, other, out, "--work-dir", str(work), "--method", "svd-llm"),
+           "calibration text differs")
+    assert main(_args(model, text, out, "--work-dir", str(work), "--method", "svd-llm",
+                      "--ratio", "0.4", "--restart")) == 0
+
+
+def test_output_dir_not_ours(tmp_path, capsys, assets):
+    _, model, text = assets
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    _fails(capsys, _args(model, text, out), "not a cospadi output")
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_lock_held_and_stale_lock(tmp_path, capsys, assets):
+    _, model, text = assets
+    work = tmp_path / "w"
+    lock = WorkLock(work / "lock")
+    lock.acquire()
+    try:
+        _fails(capsys, _args(model, text, tmp_path / "o", "--work-dir", str(work)),
+               "in use", f"pid {os.getpid()}")
+        with pytest.raises(LockHeld):
+            WorkLock(work / "lock").acquire()
+    finally:
+        lock.release()
+    # a lock file left by a dead process: taken over
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (work / "lock").write_text(json.dumps({"pid": dead.pid, "host": "x"}))
+    assert main(_args(model, text, tmp_path / "o", "--work-dir", str(work),
+                      "--method", "svd-llm")) == 0
+
+
+def test_disk_full_then_resume(tmp_path, assets):
+    """A file-size limit stands in for a full disk: clean error, then the rerun resumes."""
+    _, model, text = assets
+    argv = _args(model, text, tmp_path / "o", "--method", "svd-llm", "--calib-samples", "8",
+                 "--seq-len", "64")
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (48 * 1024, 48 * 1024))
+
+    code = "import sys; from cospadi.pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", code, *argv], preexec_fn=limit,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("cospadi: error: out of disk space"), last
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+    assert main(argv) == 0
+    assert (tmp_path / "o" / "config.json").is_file()
