@@ -9,9 +9,13 @@ and, every computation being deterministic, produces the same bytes.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import gc
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +105,27 @@ def device_gate(device: str):
             return _LOCAL_GATES.setdefault(device, threading.Lock())
 
 
+def release_memory() -> None:
+    """Return freed heap to the OS after a task, so RSS tracks live data, not history."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def task(function: Callable[..., str]) -> Callable[..., str]:
+    @functools.wraps(function)
+    def run(*args: object) -> str:
+        try:
+            return function(*args)
+        finally:
+            release_memory()
+    return run
+
+
 def _setup(job: Job) -> tuple[ModelSkeleton, ShardReader]:
     if job.config.torch_threads:
         torch.set_num_threads(job.config.torch_threads)
@@ -130,6 +155,7 @@ def _input_consumed_by_capture(job: Job, layer: int) -> bool:
 
 # tasks -----------------------------------------------------------------------------------
 
+@task
 def run_embed(job: Job) -> str:
     if is_done(job.work, EMBED):
         return EMBED
@@ -152,6 +178,7 @@ def run_embed(job: Job) -> str:
     return EMBED
 
 
+@task
 def run_capture(job: Job, layer: int, *_deps: object) -> str:
     name = capture_name(layer)
     if is_done(job.work, name):
@@ -202,6 +229,7 @@ def factor_metadata(job: Job, layer: int, group: tuple[int, ...]) -> dict:
             "rho": cfg.rho, "iters": cfg.iters, "propagate": cfg.propagate}
 
 
+@task
 def run_factor(job: Job, group_index: int, *_deps: object) -> str:
     from ..storage.factor_files import write_block_factors
 
@@ -242,6 +270,7 @@ def run_factor(job: Job, group_index: int, *_deps: object) -> str:
     return name
 
 
+@task
 def run_propagate(job: Job, group_index: int, *_deps: object) -> str:
     """Push the group's input through its compressed blocks: the next group's input."""
     from ..storage.factor_files import read_block_factors
@@ -275,6 +304,7 @@ def run_propagate(job: Job, group_index: int, *_deps: object) -> str:
     return name
 
 
+@task
 def run_assemble(job: Job, *_deps: object) -> str:
     from ..stages.assemble import assemble_model
 

@@ -38,6 +38,25 @@ from cospadi.pipeline.cli import main
 sys.exit(main(sys.argv[4:]))
 """
 
+# Loads the output with stock transformers while every cospadi module is unimportable.
+BLOCKED_LOAD = r"""
+import json, sys, torch
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "cospadi" or name.startswith("cospadi."):
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True,
+                                             dtype=torch.float32).eval()
+ids = torch.tensor([[5, 17, 99, 3, 42, 7, 8, 64]])
+with torch.no_grad():
+    logits = model(ids).logits[0, -1]
+generated = model.generate(ids, max_new_tokens=4, do_sample=False)
+assert not any(m.startswith("cospadi") for m in sys.modules)
+print(json.dumps({"logits": logits.tolist(), "generated": generated[0].tolist()}))
+"""
+
 KILLS = [
     # (module, function, call at which to die): what is torn at that moment
     ("cospadi.storage.activation_store", "ActivationWriter.write", 5),  # capture of block 1
@@ -101,3 +120,21 @@ def test_sigkill_then_resume_is_byte_identical(setup):
     leftovers = [p.name for p in (run / "work").rglob("*.partial")]
     assert leftovers == []
     assert json.loads((run / "out" / "config.json").read_text())["cospadi"]
+
+
+def test_output_loads_without_cospadi(setup):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    root, *_ = setup
+    out = root / "ref" / "out"
+    proc = subprocess.run([sys.executable, "-c", BLOCKED_LOAD, str(out)], capture_output=True,
+                          text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(result["generated"]) == 12
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True,
+                                                 dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = model(torch.tensor([[5, 17, 99, 3, 42, 7, 8, 64]])).logits[0, -1]
+    torch.testing.assert_close(torch.tensor(result["logits"]), expected, rtol=1e-5, atol=1e-5)
