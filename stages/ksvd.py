@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .omp import DEFAULT_MEMORY_BYTES, batch_omp
+from .omp import DEFAULT_MEMORY_BYTES, batch_omp, refit_codes
 
 COHERENCE = 0.99  # atoms closer than this to another atom are redundant
 REPLACE_STOP = 5  # iterations at the end with no atom replacement
@@ -53,7 +53,7 @@ def initial_dictionary(matrix: torch.Tensor, k: int, seed: int) -> torch.Tensor:
 
 def ksvd(matrix: torch.Tensor, k: int, s: int, iters: int, power_iters: int = 8, seed: int = 42,
          omp_chunk: int = 8192, memory_bytes: int = DEFAULT_MEMORY_BYTES,
-         callback=None, monotone: bool = False) -> KSVDResult:
+         callback=None, monotone: bool = False, omp_every: int = 1) -> KSVDResult:
     """Learn ``D`` (d1 x k) and s-sparse codes for ``matrix`` (d1 x d2), in its dtype/device."""
     import time
 
@@ -69,8 +69,13 @@ def ksvd(matrix: torch.Tensor, k: int, s: int, iters: int, power_iters: int = 8,
     for iteration in range(iters):
         sync()
         start = time.perf_counter()
-        fresh = batch_omp(dictionary.T @ dictionary, dictionary.T @ matrix, s,
-                          max_chunk=omp_chunk, memory_bytes=memory_bytes)
+        gram, correlations = dictionary.T @ dictionary, dictionary.T @ matrix
+        if codes is None or iteration % omp_every == 0:
+            fresh = batch_omp(gram, correlations, s, max_chunk=omp_chunk,
+                              memory_bytes=memory_bytes)
+        else:  # warm start: keep the supports, refit their coefficients (never worse)
+            fresh = refit_codes(gram, correlations, _support_of(codes, s), max_chunk=omp_chunk,
+                                memory_bytes=memory_bytes)
         fresh_codes = fresh.dense(k)
         fresh_residual = matrix - dictionary @ fresh_codes
         if codes is None or not monotone:
@@ -90,12 +95,17 @@ def ksvd(matrix: torch.Tensor, k: int, s: int, iters: int, power_iters: int = 8,
         result.errors.append(residual.norm().item() / norm)
         if callback is not None:
             callback(result.errors[-1])
-    support = (codes != 0).to(torch.int8).argsort(dim=0, descending=True, stable=True)[:s]
-    support = support.sort(dim=0).values
+    support = _support_of(codes, s)
     result.dictionary = dictionary
     result.support = support
     result.values = codes.gather(0, support)
     return result
+
+
+def _support_of(codes: torch.Tensor, s: int) -> torch.Tensor:
+    """The s atoms of each column (zero-valued ones fill up columns that use fewer)."""
+    support = (codes != 0).to(torch.int8).argsort(dim=0, descending=True, stable=True)[:s]
+    return support.sort(dim=0).values
 
 
 def update_atoms(dictionary: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor,
