@@ -43,7 +43,7 @@ class CompressConfig:
     attn_implementation: str = "sdpa"  # sdpa | eager
     work_dir: str | None = None  # default: <out>.work
     scheduler: str | None = None  # None / "threads" / "sync": local; else dask address
-    workers: int = 2  # local scheduler threads
+    workers: int = 1  # local scheduler threads (2+ overlaps I/O with compute, costs memory)
     max_inflight: int = 2  # blocks captured ahead of factorisation (bounds memory and disk)
     keep_work: bool = False  # keep Grams and activations after use
     torch_threads: int | None = None  # intra-op threads per process (None: torch default)

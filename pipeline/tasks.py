@@ -239,17 +239,19 @@ def run_factor(job: Job, group_index: int, *_deps: object) -> str:
     start = time.perf_counter()
     skeleton, reader = _setup(job)
     work, layers = job.work, job.groups[group_index]
-    gram_cache: dict[int, tuple[dict[str, torch.Tensor], int]] = {}
+    held: dict[tuple[int, str], torch.Tensor] = {}  # Grams of the input being solved only
 
     def weight(layer: int, projection: str) -> torch.Tensor:
         key = f"{module_path(skeleton.base_prefix, layer, projection)}.weight"
         return reader.load([key], dtype=torch.float32)[key].T
 
     def gram(layer: int, input_name: str) -> torch.Tensor:
-        if layer not in gram_cache:
-            gram_cache[layer] = read_grams(work.grams(layer))
-        grams, tokens = gram_cache[layer]
-        return grams[input_name] / tokens  # mean over tokens: comparable across members
+        if (layer, input_name) not in held:
+            if any(name != input_name for _, name in held):
+                held.clear()  # solves run input by input: drop the previous input's Grams
+            grams, tokens = read_grams(work.grams(layer), [input_name])
+            held[(layer, input_name)] = grams[input_name].div_(tokens)  # mean over tokens
+        return held[(layer, input_name)]
 
     with device_gate(job.device):
         result = compress_group(layers, weight, gram, solver_settings(job), _solver())
