@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -12,13 +11,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..stages.build_block import ArchitectureError, ModelSkeleton, load_skeleton
+from ..stages.build_block import ModelSkeleton, load_skeleton
 from ..stages.calibration import calibration_ids, load_tokenizer, read_text
 from ..stages.compress_block import plan_groups
 from ..storage.durable_dir import remove_tree
 from ..storage.shards import ShardError, ShardReader
 from .config import CompressConfig, ConfigError
-from .graph import build_graph, execute, task_order
+from .graph import build_graph, execute, reconcile, task_order
 from .manifest import WorkDir, WorkLock, done_tasks, fingerprint, open_manifest
 from .plan import format_plan, make_plan
 from .tasks import ASSEMBLE, Job
@@ -149,17 +148,16 @@ def compress(cfg: CompressConfig, restart: bool = False, progress: bool = True
         job = Job(config=cfg, model_dir=str(model_dir), calib_text=str(calib),
                   work_root=str(work.root), out=str(out), num_layers=skeleton.num_layers,
                   groups=groups, device=cfg.resolved_device(), dtype=cfg.resolved_dtype())
+        done = reconcile(job, done)
         order = task_order(job)
         pending = [name for name in order if name not in done]
         if resumed:
             log.info("resuming %s: %d of %d tasks already done", work.root,
                      len(order) - len(pending), len(order))
-        log.info("run %s", hashlib.sha256(json.dumps(current, sort_keys=True).encode())
-                 .hexdigest()[:12])
         nodes = build_graph(job, done)
-        with logging_redirect_tqdm(), tqdm(total=len(order), initial=len(order) - len(pending),
-                                           desc="compress", unit="task",
-                                           disable=not progress) as bar:
+        bar = tqdm(total=len(order), initial=len(order) - len(pending), desc="compress",
+                   unit="task", disable=not progress)
+        with logging_redirect_tqdm(loggers=[log]), bar:
             execute(job, nodes, lambda name: bar.update(1))
         if not cfg.keep_work:
             remove_tree(work.root / "activations")
@@ -167,5 +165,3 @@ def compress(cfg: CompressConfig, restart: bool = False, progress: bool = True
     return CompressResult(out, len(pending), len(order) - len(pending),
                           time.perf_counter() - start)
 
-
-USER_ERRORS = (ConfigError, ShardError, ArchitectureError)

@@ -14,6 +14,7 @@ import functools
 import logging
 import socket
 from collections.abc import Callable
+from pathlib import Path
 
 import dask
 from dask.callbacks import Callback
@@ -46,6 +47,58 @@ def task_order(job: Job) -> list[str]:
         if has_propagate(job, group):
             names.append(propagate_name(group))
     return names + [ASSEMBLE]
+
+
+def producer_of_input(job: Job, layer: int) -> str:
+    """The task that writes the activations entering ``layer``."""
+    if layer == 0:
+        return EMBED
+    group = job.group_of(layer)
+    if job.compressed and job.groups[group][0] == layer:
+        return propagate_name(group - 1)
+    return capture_name(layer - 1)
+
+
+def task_inputs(job: Job, name: str) -> list[tuple[Path, str]]:
+    """(file or store the task reads, task that writes it)."""
+    work = job.work
+    kind, _, number = name.partition("-")
+    if kind == "capture":
+        layer = int(number)
+        return [(work.activations(layer), producer_of_input(job, layer))]
+    if kind == "factor":
+        return [(work.grams(layer), capture_name(layer)) for layer in job.groups[int(number)]]
+    if kind == "propagate":
+        layers = job.groups[int(number)]
+        return [(work.activations(layers[0]), producer_of_input(job, layers[0]))] + \
+            [(work.factors(layer), factor_name(int(number))) for layer in layers]
+    if name == ASSEMBLE:
+        return [(work.factors(layer), factor_name(job.group_of(layer)))
+                for layer in range(job.num_layers)]
+    return []
+
+
+def reconcile(job: Job, done: set[str]) -> set[str]:
+    """Mark undone any finished task whose output a pending task needs but cannot find.
+
+    Normally a no-op: outputs are deleted only once no pending task needs them. It makes
+    resume robust to files removed by hand (the producer simply runs again).
+    """
+    done = set(done)
+    changed = True
+    while changed:
+        changed = False
+        for name in task_order(job):
+            if name in done:
+                continue
+            for path, producer in task_inputs(job, name):
+                if producer in done and not path.exists():
+                    log.warning("%s needs %s, which is missing: running %s again", name,
+                                path, producer)
+                    done.discard(producer)
+                    job.work.done_record(producer).unlink(missing_ok=True)
+                    changed = True
+    return done
 
 
 def build_graph(job: Job, done: set[str]) -> dict[str, Delayed]:

@@ -242,3 +242,17 @@ def test_disk_full_then_resume(tmp_path, assets):
     assert not (tmp_path / "o").exists()
     assert main(argv) == 0
     assert (tmp_path / "o" / "config.json").is_file()
+
+
+def test_missing_intermediate_file_is_recomputed(tmp_path, assets):
+    """A factor file removed by hand: its producer runs again, the output is unchanged."""
+    _, model, text = assets
+    out, work = tmp_path / "o", tmp_path / "w"
+    argv = _args(model, text, out, "--work-dir", str(work), "--method", "svd-llm")
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    shutil.rmtree(out)
+    (work / "factors" / "block_0001.safetensors").unlink()
+    assert main(argv) == 0
+    assert (work / "factors" / "block_0001.safetensors").is_file()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
