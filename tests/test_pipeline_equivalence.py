@@ -44,17 +44,19 @@ def _reference(model_dir, text_path):
     return model, ids, layer_inputs, grams
 
 
-@pytest.mark.parametrize("arch,method,group", [
-    ("llama", "svd-llm", 1), ("mistral", "cospadi", 1), ("qwen2", "svd-llm", 2),
-    ("qwen3", "cospadi", 2)])
-def test_pipeline_matches_full_model(tmp_path, arch, method, group):
-    model_dir = make_model(tmp_path / "model", arch, layers=3)
+@pytest.mark.parametrize("arch,method,group,dtype", [
+    ("llama", "svd-llm", 1, torch.bfloat16), ("mistral", "cospadi", 1, torch.float32),
+    ("qwen2", "svd-llm", 2, torch.float16), ("qwen3", "cospadi", 2, torch.float32)])
+def test_pipeline_matches_full_model(tmp_path, arch, method, group, dtype):
+    """Checkpoints in bf16 / fp16 are computed in fp32 by both sides."""
+    model_dir = make_model(tmp_path / "model", arch, layers=3, dtype=dtype)
     text = calib_text(tmp_path / "calib.txt")
     out, work = tmp_path / "out", tmp_path / "work"
     rc = main(["-q", "compress", "--model", str(model_dir), "--out", str(out),
                "--calib-text", str(text), "--calib-samples", str(SAMPLES), "--seq-len",
                str(SEQ), "--micro-batch", "4", "--method", method, "--iters", "2",
-               "--group-size", str(group), "--work-dir", str(work), "--keep-work"])
+               "--group-size", str(group), "--work-dir", str(work), "--keep-work",
+               "--dtype", "float32"])
     assert rc == 0
     model, ids, layer_inputs, ref_grams = _reference(model_dir, text)
     paths = WorkDir(work)
