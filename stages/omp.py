@@ -5,11 +5,12 @@ Each column keeps ``L^{-T}`` of the Cholesky factor of its selected atoms' Gram,
 row per step (``U`` below, in selection coordinates). Step j of every column at once:
 
     i_j   = argmax |alpha| over unselected atoms
-    l     = U^T G[I, i_j]                   (new row of the Cholesky factor L)
+    l     = (q_m[i_j])_m = U^T G[I, i_j]    (new row of the Cholesky factor L)
     l_jj  = sqrt(G[i_j, i_j] - |l|^2)
     u_j   = (e_j - U l) / l_jj              (direction of the new orthonormalised atom)
     c_j   = u_j . alpha[I]                  (residual's component along it)
-    alpha -= c_j G u_j                      (one dense matmul over all columns)
+    q_j   = G u_j                           (one dense matmul over all columns)
+    alpha -= c_j q_j
     gamma += c_j u_j
 
 so the correlation update, the bulk of the work, is one ``(N x k) @ (k x k)`` matmul per
@@ -39,8 +40,8 @@ class SparseCodes:
 
 def chunk_columns(k: int, s: int, itemsize: int, max_chunk: int,
                   memory_bytes: int = DEFAULT_MEMORY_BYTES) -> int:
-    """Columns per chunk: per-column state is U (s x s) plus ~4 k-vectors."""
-    per_column = itemsize * (s * s + 4 * k + 2 * s) + 8 * s
+    """Columns per chunk: per-column state is U (s x s), the q's (s x k), ~4 k-vectors."""
+    per_column = itemsize * (s * s + s * k + 4 * k + 2 * s) + 8 * s
     return max(1, min(max_chunk, memory_bytes // per_column))
 
 
@@ -86,37 +87,36 @@ def _omp_chunk(gram: torch.Tensor, alpha0: torch.Tensor,
     support = torch.zeros(n, sparsity, dtype=torch.long, device=device)
     gamma = torch.zeros(n, sparsity, dtype=dtype, device=device)
     direction = torch.zeros(n, k, dtype=dtype, device=device)
-    # U = L^{-T} and its transpose, zero-padded to a capacity that grows in blocks: both
-    # products below are then contiguous vector-matrix bmm's (a strided slice would be
-    # copied every step, and matrix-vector bmm is several times slower on CPU).
+    # q_m = G u_m for every step so far: the new Cholesky row is a gather from it
+    # (l_m = q_m[i_j]) instead of a triangular product.
+    projections = torch.empty(n, sparsity, k, dtype=dtype, device=device)
+    # Rows u_m of U^T, zero-padded to a capacity that grows in blocks, so that U l is one
+    # contiguous vector-matrix bmm (a strided slice would be copied every step).
     capacity = 0
-    inv_lt = inv_l = torch.zeros(n, 0, 0, dtype=dtype, device=device)
+    directions = torch.zeros(n, 0, 0, dtype=dtype, device=device)
     for j in range(sparsity):
         if j + 1 > capacity:
             capacity = min(sparsity, capacity + _GROWTH)
-            inv_lt = _grow(inv_lt, capacity)
-            inv_l = _grow(inv_l, capacity)
+            directions = _grow(directions, capacity)
         score = alpha.abs().masked_fill_(selected, -1.0)
         atom = score.argmax(dim=1)
         support[:, j] = atom
         selected[rows, atom] = True
         atom_norm2 = diag[atom]
-        # cross = G[I, i_j], zero-padded to capacity so that padding rows of U contribute 0
-        cross = torch.zeros(n, capacity, dtype=dtype, device=device)
-        cross[:, :j] = gram[atom].gather(1, support[:, :j])
-        l_row = torch.bmm(cross.unsqueeze(1), inv_lt).squeeze(1)  # l = U^T g
+        l_row = torch.zeros(n, capacity, dtype=dtype, device=device)
+        if j:
+            l_row[:, :j] = projections[:, :j].gather(2, atom.view(n, 1, 1).expand(n, j, 1))[..., 0]
         remaining = atom_norm2 - (l_row * l_row).sum(dim=1)
-        u = torch.bmm(l_row.unsqueeze(1), inv_l).squeeze(1).neg_()  # -(U l)
+        u = torch.bmm(l_row.unsqueeze(1), directions).squeeze(1).neg_()  # -(U l)
         u[:, j] = 1.0
         independent = remaining > dependent * atom_norm2
         l_jj = remaining.clamp_min(torch.finfo(dtype).tiny).sqrt()
-        u = torch.where(independent[:, None], u / l_jj[:, None], torch.zeros_like(u))
-        u = u[:, :j + 1]
-        inv_lt[:, :j + 1, j] = u
-        inv_l[:, j, :j + 1] = u
+        u = torch.where(independent[:, None], u[:, :j + 1] / l_jj[:, None], 0.0)
+        directions[:, j, :j + 1] = u
         coefficient = (u * alpha.gather(1, support[:, :j + 1])).sum(dim=1)
         direction.zero_().scatter_(1, support[:, :j + 1], u)
-        alpha.sub_(coefficient[:, None] * (direction @ gram))
+        q = torch.mm(direction, gram, out=projections[:, j])
+        alpha.sub_(coefficient[:, None] * q)
         gamma[:, :j + 1].add_(coefficient[:, None] * u)
     return support, gamma
 
