@@ -13,6 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+)
+
 from cospadi.stages.assemble import (
     MODELING_FILE,
     AssembleError,
@@ -23,13 +31,6 @@ from cospadi.stages.assemble import (
 from cospadi.stages.factors import DictionaryFactors, LowRankFactors
 from cospadi.stages.sizing import dictionary_bytes, dictionary_shape
 from cospadi.storage.factor_files import read_block_factors, write_block_factors
-from tokenizers import Tokenizer, models
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    PreTrainedTokenizerFast,
-    Qwen3Config,
-)
 
 SHARD = "24KB"  # several shards even for these tiny models
 IDS = [[5, 17, 3, 40, 22, 9, 61, 2]]

@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
-from cospadi.stages.evaluate import load_model_for_eval, perplexity, tokenize, windows_of
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from cospadi.stages.evaluate import load_model_for_eval, perplexity, tokenize, windows_of
 
 VOCAB = 61
 

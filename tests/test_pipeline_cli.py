@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
-from cospadi.pipeline.cli import main
 from tiny_models import calib_text, make_model
 from transformers import AutoModelForCausalLM
+
+from cospadi.pipeline.cli import main
 
 
 @pytest.fixture(scope="module")

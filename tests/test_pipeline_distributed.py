@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cospadi.pipeline.cli import main
 from distributed import LocalCluster
 from tiny_models import calib_text, make_model
+
+from cospadi.pipeline.cli import main
 
 
 def _args(model, text, root: Path):

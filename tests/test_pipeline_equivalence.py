@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import calib_text, make_model
+from transformers import AutoModelForCausalLM
+
 from cospadi.pipeline.cli import main
 from cospadi.pipeline.manifest import WorkDir
 from cospadi.stages.calibration import calibration_ids, load_tokenizer, read_text
@@ -16,8 +19,6 @@ from cospadi.stages.projections import INPUTS, PROJECTIONS
 from cospadi.storage.activation_store import ActivationReader
 from cospadi.storage.factor_files import read_block_factors
 from cospadi.storage.gram_store import read_grams
-from tiny_models import calib_text, make_model
-from transformers import AutoModelForCausalLM
 
 SAMPLES, SEQ = 6, 24
 

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import calib_text, make_model
+
 from cospadi.pipeline.cli import main
 from cospadi.pipeline.config import ConfigError, make_config
 from cospadi.pipeline.manifest import LockHeld, WorkLock
-from safetensors.torch import load_file, save_file
-from tiny_models import calib_text, make_model
 
 
 @pytest.fixture(scope="module")

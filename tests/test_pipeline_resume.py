@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from cospadi.pipeline.cli import main
 from tiny_models import calib_text, make_model
+
+from cospadi.pipeline.cli import main
 
 # Runs cospadi in a child that SIGKILLs itself on the N-th call of a wrapped function.
 DRIVER = r"""

@@ -7,12 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from sklearn.linear_model import orthogonal_mp_gram
+
 from cospadi.stages.factorize import SolverSettings, factorize_group, factorize_layer
 from cospadi.stages.ksvd import ksvd, update_atoms
 from cospadi.stages.omp import batch_omp
 from cospadi.stages.sizing import dictionary_shape, svd_rank
 from cospadi.stages.whitening import whitening_from_gram
-from sklearn.linear_model import orthogonal_mp_gram
 
 F64 = torch.float64
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from cospadi.stages.factors import DictionaryFactors, LowRankFactors
 from cospadi.stages.sizing import dictionary_bytes, dictionary_shape
 from cospadi.storage import modeling_template
