@@ -46,6 +46,7 @@ COMPRESS_FLAGS: dict[str, tuple[Any, str]] = {
     "--workers": (int, "local scheduler threads"),
     "--max-inflight": (int, "groups captured ahead of factorisation"),
     "--torch-threads": (int, "torch intra-op threads per process"),
+    "--shard-size": (str, "largest output shard, e.g. 256MB or 2GB (held in memory once)"),
 }
 
 

@@ -46,6 +46,7 @@ class CompressConfig:
     workers: int = 1  # local scheduler threads (2+ overlaps I/O with compute, costs memory)
     max_inflight: int = 2  # blocks captured ahead of factorisation (bounds memory and disk)
     keep_work: bool = False  # keep Grams and activations after use
+    shard_size: str = "256MB"  # output shards; assembly holds one shard in memory at a time
     torch_threads: int | None = None  # intra-op threads per process (None: torch default)
 
     def __post_init__(self) -> None:
@@ -84,7 +85,7 @@ class CompressConfig:
         """Settings that change the outputs (resuming with other values would mix runs)."""
         keep = ("method", "ratio", "rho", "iters", "power_iters", "seed", "group_size",
                 "calib_samples", "seq_len", "micro_batch", "propagate",
-                "attn_implementation")
+                "attn_implementation", "shard_size")
         settings = {key: getattr(self, key) for key in keep}
         settings["dtype"] = self.resolved_dtype()
         return settings
@@ -113,6 +114,12 @@ def validate(cfg: CompressConfig) -> None:
             raise ConfigError(f"{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
     if cfg.torch_threads is not None and cfg.torch_threads < 1:
         raise ConfigError(f"torch-threads must be >= 1, got {cfg.torch_threads}")
+    from ..storage.hf_checkpoint import parse_size
+
+    try:
+        parse_size(cfg.shard_size)
+    except ValueError as err:
+        raise ConfigError(f"shard-size: {err}") from err
     device = cfg.device
     if not (device in ("auto", "cpu", "cuda") or
             (device.startswith("cuda:") and device[5:].isdigit())):

@@ -19,6 +19,7 @@ from ..stages.sizing import (
     dictionary_shape,
     svd_rank,
 )
+from ..storage.hf_checkpoint import parse_size
 from ..storage.shards import ShardReader
 from .config import CompressConfig
 
@@ -123,7 +124,8 @@ def make_plan(cfg: CompressConfig, skeleton: ModelSkeleton, reader: ShardReader)
     widest = max(matrices, key=lambda m: m.d1 * m.d2 * m.members)
     solve = 8 * (4 * widest.d1 * widest.d2 * widest.members + 3 * widest.d1 * widest.d1)
     embed = config.vocab_size * hidden * act_bytes
-    task = max(capture, solve + 2 * gram_block, embed + forward)
+    assemble = parse_size(cfg.shard_size)  # one output shard in memory
+    task = max(capture, solve + 2 * gram_block, embed + forward, assemble)
     device = cfg.resolved_device()
     parallel = 1 if device.startswith("cuda") else cfg.workers
     if device.startswith("cuda"):

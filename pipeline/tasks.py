@@ -316,7 +316,8 @@ def run_assemble(job: Job, *_deps: object) -> str:
     factor_files = [job.work.factors(layer) for layer in range(job.num_layers)]
     # assemble_model stages the folder aside and renames it into place when complete;
     # the driver has already checked that an existing --out is ours to replace.
-    assemble_model(job.model_dir, factor_files, job.out, overwrite=True)
+    assemble_model(job.model_dir, factor_files, job.out, overwrite=True,
+                   max_shard_size=job.config.shard_size)
     mark_done(job.work, ASSEMBLE, {"seconds": time.perf_counter() - start})
     log.info("assembled %s in %.1f s", job.out, time.perf_counter() - start)
     return ASSEMBLE
