@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             "factor_s_per_block": tasks["factor"] / depth,
         })
         shutil.rmtree(model)
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # partial results early
     report = {"bare_rss": bare["peak_rss"], "method": args.method, "iters": args.iters,
               "calibration": f"{args.calib_samples} x {args.seq_len}",
               "cpu_count": os.cpu_count(), "runs": results}
