@@ -16,6 +16,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec
 
+from . import faults
 from .durable_dir import atomic_dir
 
 _STORED = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "uint16"}
@@ -32,6 +33,7 @@ class ActivationWriter:
         else:
             data = hidden.numpy()
         self.array[start:start + data.shape[0]] = data
+        faults.point(f"{getattr(self.array.store, 'root', self.array.store)} chunk {start}")
 
 
 @contextlib.contextmanager

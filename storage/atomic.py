@@ -9,9 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from . import faults
 
 
 def _umask() -> int:
@@ -39,6 +42,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are ordinary files
     try:
         yield tmp
+        faults.point(str(target))  # written aside, not yet in place
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
@@ -61,7 +65,24 @@ def write_json(target: str | os.PathLike, obj: object) -> None:
     write_text(target, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
 def write_with(target: str | os.PathLike, writer: Callable[[Path], None]) -> None:
-    """Let ``writer`` fill a temp path (e.g. ``safetensors.torch.save_file``), then commit."""
+    """Let ``writer`` fill a temp path (e.g. ``safetensors.torch.save_file``), then commit.
+
+    A writer's I/O failure reported as a foreign exception (safetensors' Rust errors end
+    in ``(os error 27)``) is raised as the ``OSError`` it is, naming ``target``, so that
+    a full disk reads as one.
+    """
     with atomic_path(target) as tmp:
-        writer(tmp)
+        try:
+            writer(tmp)
+        except OSError:
+            raise
+        except Exception as err:
+            match = _OS_ERROR.search(str(err))
+            if match is None:
+                raise
+            code = int(match.group(1))
+            raise OSError(code, os.strerror(code), str(target)) from err

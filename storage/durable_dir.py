@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from . import faults
 from .atomic import fsync_dir
 
 
@@ -38,6 +39,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        faults.point(str(target))  # written aside, not yet in place
         fsync_tree(tmp)
         remove_tree(target)
         os.replace(tmp, target)
@@ -53,3 +55,14 @@ def remove_tree(path: str | os.PathLike) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def remove_stale_temps(root: str | os.PathLike) -> list[Path]:
+    """Delete what killed writers left under ``root``: ``.*.tmp`` files of atomic writes
+    (random names, so a retry never reuses them) and ``.*.partial`` folders. Call only
+    while no writer can be active (the work-dir lock held, no task running)."""
+    stale = [path for path in Path(root).rglob(".*")
+             if path.name.endswith((".tmp", ".partial"))]
+    for path in stale:
+        remove_tree(path)
+    return stale

@@ -14,6 +14,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from . import faults
 from .durable_dir import atomic_dir
 
 CHUNK = 1024
@@ -31,6 +32,7 @@ def write_grams(path: str | Path, grams: dict[str, torch.Tensor], tokens: int) -
                 compressors=[BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
                              Crc32cCodec()])
             array[:] = gram
+            faults.point(f"{tmp} array {name}")
 
 
 def read_grams(path: str | Path, names: list[str] | None = None
