@@ -14,7 +14,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..stages.build_block import ModelSkeleton, load_skeleton
 from ..stages.calibration import calibration_ids, load_tokenizer, read_text
 from ..stages.compress_block import plan_groups
-from ..storage.durable_dir import remove_tree
+from ..storage.durable_dir import remove_stale_temps, remove_tree
 from ..storage.shards import ShardError, ShardReader
 from .config import CompressConfig, ConfigError
 from .graph import build_graph, execute, reconcile, task_order
@@ -132,14 +132,22 @@ def compress(cfg: CompressConfig, restart: bool = False, progress: bool = True
     start = time.perf_counter()
     if not cfg.out:
         raise ConfigError("--out is required")
-    model_dir, skeleton, reader = preflight(cfg)
-    calib = check_calibration(cfg, model_dir)
-    groups = tuple(plan_groups(skeleton.num_layers, cfg.group_size))
     work = WorkDir(cfg.work_path)
-    out = Path(cfg.out)
-    current = fingerprint(model_dir, calib, cfg.fingerprint_settings())
-    with WorkLock(work.lock):
+    lock = WorkLock(work.lock)
+    if work.root.is_dir():
+        lock.acquire()  # another run there: refuse at once, not after the slow checks
+    try:
+        model_dir, skeleton, reader = preflight(cfg)
+        calib = check_calibration(cfg, model_dir)
+        groups = tuple(plan_groups(skeleton.num_layers, cfg.group_size))
+        out = Path(cfg.out)
+        current = fingerprint(model_dir, calib, cfg.fingerprint_settings())
+        if not lock.held:
+            lock.acquire()
         resumed = open_manifest(work, current, restart)
+        stale = remove_stale_temps(work.root)
+        if stale:
+            log.info("removed %d partial writes left by an interrupted run", len(stale))
         done = done_tasks(work)
         if ASSEMBLE in done and not out.is_dir():
             done.discard(ASSEMBLE)  # output removed since: assemble again
@@ -162,6 +170,8 @@ def compress(cfg: CompressConfig, restart: bool = False, progress: bool = True
         if not cfg.keep_work:
             remove_tree(work.root / "activations")
             remove_tree(work.root / "grams")
+    finally:
+        lock.release()
     return CompressResult(out, len(pending), len(order) - len(pending),
                           time.perf_counter() - start)
 

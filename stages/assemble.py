@@ -72,7 +72,9 @@ def staged_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
         raise FileExistsError(f"{out_dir} exists (pass overwrite=True to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.partial"
+    old = out_dir.parent / f".{out_dir.name}.old"
     shutil.rmtree(tmp, ignore_errors=True)  # a torn earlier attempt
+    shutil.rmtree(old, ignore_errors=True)  # one killed between the two renames below
     tmp.mkdir()
     try:
         yield tmp
@@ -80,8 +82,6 @@ def staged_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
             path.chmod(0o644)
         fsync_dir(tmp)  # files were fsynced by their atomic writes
         if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
             os.replace(out_dir, old)
             os.replace(tmp, out_dir)
             shutil.rmtree(old)
