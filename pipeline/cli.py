@@ -40,7 +40,7 @@ COMPRESS_FLAGS: dict[str, tuple[Any, str]] = {
     "--propagate": (str, "original | compressed: inputs of later blocks"),
     "--device": (str, "auto | cpu | cuda | cuda:N"),
     "--dtype": (str, "auto | float32 | bfloat16 | float16 (block compute)"),
-    "--attn-implementation": (str, "sdpa | eager"),
+    "--attn-implementation": (str, "auto | sdpa | eager"),
     "--work-dir": (str, "work directory (default: OUT.work)"),
     "--scheduler": (str, "dask.distributed scheduler address (default: local threads)"),
     "--workers": (int, "local scheduler threads"),

@@ -40,7 +40,7 @@ class CompressConfig:
     propagate: str = "original"  # original | compressed
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # block compute dtype: auto | float32 | bfloat16 | float16
-    attn_implementation: str = "sdpa"  # sdpa | eager
+    attn_implementation: str = "auto"  # auto (as from_pretrained picks) | sdpa | eager
     work_dir: str | None = None  # default: <out>.work
     scheduler: str | None = None  # None / "threads" / "sync": local; else dask address
     workers: int = 1  # local scheduler threads (2+ overlaps I/O with compute, costs memory)
@@ -95,7 +95,7 @@ CHOICES = {
     "method": ("cospadi", "svd-llm"),
     "propagate": ("original", "compressed"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
-    "attn_implementation": ("sdpa", "eager"),
+    "attn_implementation": ("auto", "sdpa", "eager"),
 }
 
 

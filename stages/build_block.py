@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -68,16 +69,23 @@ def load_config(model_dir: str | Path) -> PretrainedConfig:
         raise ArchitectureError(f"cannot read {model_dir / 'config.json'}: {err}") from err
 
 
-def load_skeleton(model_dir: str | Path, attn_implementation: str = "sdpa") -> ModelSkeleton:
+def load_skeleton(model_dir: str | Path, attn_implementation: str = "auto") -> ModelSkeleton:
+    """The model on the meta device; ``auto`` lets transformers pick the attention kernel
+    as ``from_pretrained`` would (sdpa where the architecture supports it)."""
     config = load_config(model_dir)
     try:
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError as err:
         raise ArchitectureError(f"model_type {config.model_type!r} has no causal-LM class in "
                                 "transformers; the pipeline needs a decoder-only model") from err
-    with torch.device("meta"):
-        meta_model = model_class._from_config(config, attn_implementation=attn_implementation,
-                                              dtype=torch.float32)
+    kwargs = {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
+    # Parameters on meta (no storage), buffers real: non-persistent buffers such as an
+    # embedding scale or rotary frequencies come from the config, not the checkpoint.
+    try:
+        with init_empty_weights(include_buffers=False):
+            meta_model = model_class._from_config(config, dtype=torch.float32, **kwargs)
+    except ValueError as err:  # e.g. an attention kernel the architecture lacks
+        raise ArchitectureError(f"{model_class.__name__}: {str(err).splitlines()[0]}") from err
     skeleton = ModelSkeleton(Path(model_dir), meta_model.config, meta_model,
                              model_class.base_model_prefix)
     check_structure(skeleton)
@@ -151,12 +159,12 @@ def build_final_norm(skeleton: ModelSkeleton, reader: ShardReader, dtype: torch.
 
 
 def build_rotary(skeleton: ModelSkeleton, device: torch.device | str = "cpu") -> nn.Module | None:
-    """The model's rotary module, constructed for real (its buffers come from the config)."""
-    meta = getattr(skeleton.base, "rotary_emb", None)
-    if meta is None:
+    """The model's rotary module (its buffers are real in the skeleton: they come from the
+    config, not the checkpoint)."""
+    rotary = getattr(skeleton.base, "rotary_emb", None)
+    if rotary is None:
         return None
-    with torch.device(device):
-        return type(meta)(config=skeleton.config).eval()
+    return copy.deepcopy(rotary).to(device).eval()
 
 
 def weight_matrix(block: nn.Module, projection: str) -> torch.Tensor:

@@ -113,3 +113,42 @@ def test_compressed_propagation_feeds_compressed_outputs(tmp_path):
     stored = ActivationReader(WorkDir(work).activations(1)).read(0, SAMPLES)
     torch.testing.assert_close(stored, seen["h"], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(stored, layer_inputs[1], atol=1e-3)  # differs from dense
+
+
+@pytest.mark.parametrize("model_type,extra", [
+    ("gemma3_text", dict(head_dim=16, sliding_window=8,
+                         layer_types=["sliding_attention", "full_attention"])),
+    ("gemma2", dict(head_dim=16, sliding_window=8)),
+    ("granite", dict(embedding_multiplier=3.0, residual_multiplier=0.5))])
+def test_other_architectures_stream_exactly(tmp_path, model_type, extra):
+    """Scaled embeddings, per-layer masks, kernels without sdpa: whatever the model's own
+    forward does before its layers, the streamed blocks see the same inputs."""
+    from transformers import AutoConfig
+
+    from cospadi.stages.block_inputs import BlockInputs
+    from cospadi.stages.build_block import build_block, load_skeleton
+    from cospadi.storage.shards import ShardReader
+
+    config = AutoConfig.for_model(model_type, vocab_size=300, hidden_size=64,
+                                  intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
+                                  bos_token_id=2, **extra)
+    torch.manual_seed(0)
+    full = AutoModelForCausalLM.from_config(config).eval()
+    full.save_pretrained(tmp_path / "m", max_shard_size="60KB")
+    ids = torch.randint(3, 300, (2, 20))
+    seen = {}
+    for index, layer in enumerate(full.model.layers):
+        def record(_m, args, kwargs, index=index):
+            seen[index] = args[0] if args else kwargs["hidden_states"]
+        layer.register_forward_pre_hook(record, with_kwargs=True)
+    with torch.no_grad():
+        full(ids)
+        skeleton, reader = load_skeleton(tmp_path / "m"), ShardReader(tmp_path / "m")
+        inputs = BlockInputs(skeleton, reader, torch.float32)
+        hidden = inputs.embed(ids)
+        torch.testing.assert_close(hidden, seen[0], rtol=0, atol=0)
+        block = build_block(skeleton, reader, 0, torch.float32)
+        hidden = block(hidden, **inputs.layer_kwargs(0, 2, 20))
+    torch.testing.assert_close(hidden, seen[1], rtol=1e-6, atol=1e-6)
