@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..storage.shards import ShardReader
-from .build_block import ModelSkeleton, build_embedding, build_rotary
+from .build_block import ArchitectureError, ModelSkeleton, build_embedding, build_rotary
 
 
 class _Stop(Exception):
@@ -29,8 +29,9 @@ class _Recorder(nn.Module):
         self.index, self.stop_at, self.seen = index, stop_at, seen
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args:  # transformers passes everything but hidden_states by keyword
-            raise TypeError("decoder layer called with positional extras; cannot record them")
+        if args:  # transformers 5 passes everything but hidden_states by keyword
+            raise ArchitectureError(f"the model's forward passes {len(args)} positional "
+                                    "extras to its decoder layers; expected keywords only")
         self.seen[self.index] = (hidden_states, kwargs)
         if self.index == self.stop_at:
             raise _Stop
@@ -67,7 +68,8 @@ class BlockInputs:
         finally:
             self._driver.layers = nn.ModuleList()
         if stop_at not in seen:
-            raise RuntimeError(f"the model's forward never reached decoder layer {stop_at}")
+            raise ArchitectureError(f"the model's forward never reached decoder layer "
+                                    f"{stop_at} of {self.skeleton.base_prefix}.layers")
         return seen[stop_at]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
