@@ -47,9 +47,20 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
         fsync_dir(target.parent)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
-        raise
+        better = named(err, target)
+        if better is None:
+            raise
+        raise better from err
+
+
+def named(err: BaseException, target: Path) -> OSError | None:
+    """For an ``OSError`` without a file name (a failed write: EFBIG, ENOSPC), the same
+    error naming ``target``, so the user learns what could not be written; else None."""
+    if isinstance(err, OSError) and err.filename is None and err.errno is not None:
+        return OSError(err.errno, err.strerror, str(target))
+    return None
 
 
 def write_bytes(target: str | os.PathLike, data: bytes) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from . import faults
-from .atomic import fsync_dir
+from .atomic import fsync_dir, named
 
 
 def temp_dir_for(target: Path) -> Path:
@@ -44,9 +44,12 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         remove_tree(target)
         os.replace(tmp, target)
         fsync_dir(target.parent)
-    except BaseException:
+    except BaseException as err:
         remove_tree(tmp)
-        raise
+        better = named(err, target)
+        if better is None:
+            raise
+        raise better from err
 
 
 def remove_tree(path: str | os.PathLike) -> None:

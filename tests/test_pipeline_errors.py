@@ -6,6 +6,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -155,14 +156,15 @@ def test_wrong_shape(tmp_path, capsys, assets):
     _fails(capsys, _args(bad, text, tmp_path / "o"), name, "(64, 32)", "(64, 64)")
 
 
-def test_nan_weights(tmp_path, capsys, assets):
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_nan_or_inf_weights(tmp_path, capsys, assets, value):
     _, model, text = assets
     bad = _copy(model, tmp_path / "m")
     shard, name = _shard_with(bad, "layers.1.mlp.gate_proj.weight")
     tensor = load_file(shard)[name].clone()
-    tensor[3, 5] = float("nan")
+    tensor[3, 5] = value
     _rewrite(shard, name, tensor)
-    _fails(capsys, _args(bad, text, tmp_path / "o"), name, "NaN")
+    _fails(capsys, _args(bad, text, tmp_path / "o"), name, "NaN or Inf")
     assert not (tmp_path / "o").exists()
 
 
@@ -224,24 +226,75 @@ def test_lock_held_and_stale_lock(tmp_path, capsys, assets):
                       "--method", "svd-llm")) == 0
 
 
-def test_disk_full_then_resume(tmp_path, assets):
-    """A file-size limit stands in for a full disk: clean error, then the rerun resumes."""
-    _, model, text = assets
-    argv = _args(model, text, tmp_path / "o", "--method", "svd-llm", "--calib-samples", "8",
-                 "--seq-len", "64")
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
 
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (48 * 1024, 48 * 1024))
+
+@pytest.mark.parametrize("limit_kib,stage", [(48, "embed"), (200, "assemble")])
+def test_disk_full_then_resume(tmp_path, assets, limit_kib, stage):
+    """A file-size limit stands in for a full disk (writes fail with EFBIG): one clean
+    line, status 2, nothing that looks finished; the rerun without the limit resumes
+    (keeping what was done) and gives the bytes of an uninterrupted run."""
+    _, model, text = assets
+    extra = ("--method", "svd-llm", "--calib-samples", "8", "--seq-len", "64")
+    assert main(_args(model, text, tmp_path / "ref", *extra)) == 0
+    out = tmp_path / "o"
+    argv = _args(model, text, out, *extra)
+
+    def limit() -> None:  # the largest file: an activation chunk 122 KiB, the shard 236 KiB
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, do not kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_kib << 10, limit_kib << 10))
 
     code = "import sys; from cospadi.pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.run([sys.executable, "-c", code, *argv], preexec_fn=limit,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("cospadi: error: out of disk space"), last
+    assert last.startswith("cospadi: error: out of disk space writing "), last
     assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "o").exists()
+    assert not out.exists()
+    done = {p.stem for p in (tmp_path / "o.work" / "done").glob("*.json")}
+    assert "assemble" not in done
+    assert (stage == "assemble") == ({"embed", "factor-0000", "factor-0001"} <= done), done
+    assert not [p for p in tmp_path.rglob(".*") if p.name.endswith((".tmp", ".partial"))]
+    records = {p: p.read_bytes() for p in (tmp_path / "o.work" / "done").glob("*.json")}
     assert main(argv) == 0
+    assert all(p.read_bytes() == data for p, data in records.items())  # nothing redone
+    assert _tree(out) == _tree(tmp_path / "ref")
+
+
+def test_singular_and_indefinite_grams_warn(tmp_path, capsys, assets, monkeypatch):
+    """64 calibration tokens make the 96-wide down_proj Gram singular; one Gram made
+    indefinite on purpose: the run succeeds and names every fallback whitening."""
+    from cospadi.pipeline import tasks
+
+    _, model, text = assets
+    original = tasks.read_grams
+
+    def indefinite(path, names=None):
+        grams, tokens = original(path, names)
+        if "block_0001" in str(path) and "attn_in" in grams:
+            gram = grams["attn_in"]
+            grams["attn_in"] = gram - 0.5 * gram.diagonal().mean() * torch.eye(len(gram),
+                                                                                 dtype=gram.dtype)
+        return grams, tokens
+
+    monkeypatch.setattr(tasks, "read_grams", indefinite)
+    work = tmp_path / "w"
+    assert main(_args(model, text, tmp_path / "o", "--work-dir", str(work), "--method",
+                      "svd-llm")) == 0
+    err = capsys.readouterr().err
+    solves = [solve for path in sorted((work / "done").glob("factor-*.json"))
+              for solve in json.loads(path.read_text())["solves"]]
+    fallback = [s for s in solves if s["whitening"] != "cholesky"]
+    assert any(s["projection"] == "mlp.down_proj" for s in fallback)
+    indefinite_solves = [s for s in fallback if s["layers"] == [1]
+                         and s["projection"] == "self_attn.q_proj"]
+    assert indefinite_solves and indefinite_solves[0]["shift"] > 0.1
+    for s in fallback:
+        assert (f"layers {s['layers']} {s['projection']}: Gram singular or indefinite, "
+                f"whitened by {s['whitening']}") in err
     assert (tmp_path / "o" / "config.json").is_file()
 
 
