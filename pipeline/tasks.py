@@ -116,9 +116,25 @@ def release_memory() -> None:
         pass
 
 
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def limit_heap_growth() -> None:
+    """Serve buffers >= 1 MiB by mmap so freeing them returns memory to the OS at once.
+
+    glibc otherwise raises its mmap threshold after the first large free and then keeps
+    later large tensors on the heap, where fragmentation makes RSS creep task by task.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def task(function: Callable[..., str]) -> Callable[..., str]:
     @functools.wraps(function)
     def run(*args: object) -> str:
+        limit_heap_growth()  # per process: tasks may run in dask worker processes
         try:
             return function(*args)
         finally:

@@ -18,8 +18,8 @@ class GramAccumulator:
         self.grams: dict[str, torch.Tensor] = {}
 
     def add(self, name: str, inputs: torch.Tensor) -> None:
-        update = gram_of(inputs.detach())
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float64)
         if name in self.grams:
-            self.grams[name] += update
+            self.grams[name].addmm_(x.T, x)  # in place: no d x d temporary per micro-batch
         else:
-            self.grams[name] = update
+            self.grams[name] = x.T @ x

@@ -31,7 +31,8 @@ def write_grams(path: str | Path, grams: dict[str, torch.Tensor], tokens: int) -
                 name, shape=gram.shape, chunks=(chunk, chunk), dtype="float64",
                 compressors=[BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
                              Crc32cCodec()])
-            array[:] = gram
+            for start in range(0, gram.shape[0], chunk):  # a row of chunks at a time
+                array[start:start + chunk] = gram[start:start + chunk]
             faults.point(f"{tmp} array {name}")
 
 
