@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="svd-llm")
     parser.add_argument("--iters", type=int, default=1)
     parser.add_argument("--calib-samples", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--root", help="keep the models and runs here (default: a temp dir)")
     parser.add_argument("--json", action="store_true")
@@ -160,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     text = root / "calib.txt"
     write_text(text, args.calib_samples * args.seq_len * 2)
     bare = measure([sys.executable, "-c", "import torch, transformers"])
+    # the code the pipeline cannot avoid loading: transformers' modeling stack and ours
+    code = measure([sys.executable, "-c", "import torch, transformers; "
+                    "from transformers import LlamaForCausalLM; "
+                    "import cospadi.pipeline.compress, cospadi.stages.factorize, "
+                    "cospadi.stages.assemble"])
     results = []
     for depth in args.depths:
         model = root / f"llama-{depth}"
@@ -180,13 +185,15 @@ def main(argv: list[str] | None = None) -> int:
             "blocks": depth, "model_bytes": disk, "peak_rss": run["peak_rss"],
             "above_bare": run["peak_rss"] - bare["peak_rss"],
             "above_bare_over_model": (run["peak_rss"] - bare["peak_rss"]) / disk,
+            "above_code": run["peak_rss"] - code["peak_rss"],
             "seconds": run["seconds"], "seconds_per_block": run["seconds"] / depth,
             "capture_s_per_block": tasks["capture"] / depth,
             "factor_s_per_block": tasks["factor"] / depth,
         })
         shutil.rmtree(model)
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # partial results early
-    report = {"bare_rss": bare["peak_rss"], "method": args.method, "iters": args.iters,
+    report = {"bare_rss": bare["peak_rss"], "code_rss": code["peak_rss"],
+              "method": args.method, "iters": args.iters,
               "calibration": f"{args.calib_samples} x {args.seq_len}",
               "cpu_count": os.cpu_count(), "runs": results}
     if len(results) >= 2:
@@ -198,13 +205,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     mib = 1 << 20
     print(f"bare interpreter (torch + transformers): {bare['peak_rss'] / mib:.0f} MiB; "
+          f"with the modeling and pipeline code imported: {code['peak_rss'] / mib:.0f} MiB; "
           f"{args.method}, {args.iters} iters, {report['calibration']} tokens, "
           f"{os.cpu_count()} CPUs")
     print(f"{'blocks':>6}{'model MiB':>11}{'peak MiB':>10}{'above bare':>12}{'/ model':>9}"
-          f"{'s/block':>9}{'capture':>9}{'factor':>8}")
+          f"{'above code':>12}{'s/block':>9}{'capture':>9}{'factor':>8}")
     for r in results:
         print(f"{r['blocks']:>6}{r['model_bytes'] / mib:>11.0f}{r['peak_rss'] / mib:>10.0f}"
               f"{r['above_bare'] / mib:>12.0f}{r['above_bare_over_model']:>9.3f}"
+              f"{r['above_code'] / mib:>12.0f}"
               f"{r['seconds_per_block']:>9.2f}{r['capture_s_per_block']:>9.2f}"
               f"{r['factor_s_per_block']:>8.2f}")
     if "rss_growth" in report:
