@@ -53,7 +53,8 @@ def initial_dictionary(matrix: torch.Tensor, k: int, seed: int) -> torch.Tensor:
 
 def ksvd(matrix: torch.Tensor, k: int, s: int, iters: int, power_iters: int = 8, seed: int = 42,
          omp_chunk: int = 8192, memory_bytes: int = DEFAULT_MEMORY_BYTES,
-         callback=None, monotone: bool = False, omp_every: int = 1) -> KSVDResult:
+         callback=None, monotone: bool = False, omp_every: int = 1,
+         atoms_per_step: int = 1) -> KSVDResult:
     """Learn ``D`` (d1 x k) and s-sparse codes for ``matrix`` (d1 x d2), in its dtype/device."""
     import time
 
@@ -72,7 +73,7 @@ def ksvd(matrix: torch.Tensor, k: int, s: int, iters: int, power_iters: int = 8,
         gram, correlations = dictionary.T @ dictionary, dictionary.T @ matrix
         if codes is None or iteration % omp_every == 0:
             fresh = batch_omp(gram, correlations, s, max_chunk=omp_chunk,
-                              memory_bytes=memory_bytes)
+                              memory_bytes=memory_bytes, atoms_per_step=atoms_per_step)
         else:  # warm start: keep the supports, refit their coefficients (never worse)
             fresh = refit_codes(gram, correlations, _support_of(codes, s), max_chunk=omp_chunk,
                                 memory_bytes=memory_bytes)

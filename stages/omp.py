@@ -46,11 +46,17 @@ def chunk_columns(k: int, s: int, itemsize: int, max_chunk: int,
 
 
 def batch_omp(gram: torch.Tensor, correlations: torch.Tensor, sparsity: int,
-              max_chunk: int = 8192, memory_bytes: int = DEFAULT_MEMORY_BYTES) -> SparseCodes:
+              max_chunk: int = 8192, memory_bytes: int = DEFAULT_MEMORY_BYTES,
+              atoms_per_step: int = 1) -> SparseCodes:
     """Code every column of ``W`` with exactly ``sparsity`` atoms of ``D``.
 
     ``gram`` is ``D^T D`` (k x k), ``correlations`` is ``D^T W`` (k x N), same dtype/device.
+    ``atoms_per_step = 1`` is exact OMP; ``b > 1`` is generalised OMP (gOMP: the b atoms
+    of largest correlation join at once, then one joint least-squares update), which needs
+    s / b steps instead of s and so does about b times less work.
     """
+    if atoms_per_step < 1:
+        raise ValueError(f"atoms_per_step must be >= 1, got {atoms_per_step}")
     k, n_columns = correlations.shape
     if gram.shape != (k, k):
         raise ValueError(f"Gram {tuple(gram.shape)} does not match correlations {(k, n_columns)}")
@@ -60,7 +66,10 @@ def batch_omp(gram: torch.Tensor, correlations: torch.Tensor, sparsity: int,
     supports, values = [], []
     for start in range(0, n_columns, chunk):
         block = correlations[:, start:start + chunk].T.contiguous()
-        support, coefficients = _omp_chunk(gram, block, sparsity)
+        if atoms_per_step == 1:
+            support, coefficients = _omp_chunk(gram, block, sparsity)
+        else:
+            support, coefficients = _gomp_chunk(gram, block, sparsity, atoms_per_step)
         supports.append(support)
         values.append(coefficients)
     support = torch.cat(supports, dim=0)
@@ -119,6 +128,82 @@ def _omp_chunk(gram: torch.Tensor, alpha0: torch.Tensor,
         alpha.sub_(coefficient[:, None] * q)
         gamma[:, :j + 1].add_(coefficient[:, None] * u)
     return support, gamma
+
+
+def _gomp_chunk(gram: torch.Tensor, alpha0: torch.Tensor, sparsity: int,
+                atoms_per_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """gOMP for one chunk: per step b atoms join, and the Cholesky factor grows by a block.
+
+    With L the Cholesky factor of the selected atoms' Gram and U = L^{-T} (rows u_m kept in
+    ``directions``), b new atoms A extend it by ``L21^T = U^T G[I, A]`` and
+    ``L22 = chol(G[A, A] - L21 L21^T)``; the new rows of U^T are
+    ``[-(L22^{-1} L21) U^T, L22^{-1}]``. Both products with U^T are vector-matrix bmm's
+    with b right-hand rows, and the correlation update is one dense matmul per step for
+    the b directions together.
+    """
+    n, k = alpha0.shape
+    dtype, device = alpha0.dtype, alpha0.device
+    dependent = 100 * torch.finfo(dtype).eps
+    diag = gram.diagonal()
+    alpha = alpha0.clone()
+    selected = torch.zeros(n, k, dtype=torch.bool, device=device)
+    support = torch.zeros(n, sparsity, dtype=torch.long, device=device)
+    gamma = torch.zeros(n, sparsity, dtype=dtype, device=device)
+    direction = torch.zeros(n, k, dtype=dtype, device=device)
+    directions = torch.zeros(n, sparsity, sparsity, dtype=dtype, device=device)
+    j = 0
+    while j < sparsity:
+        b = min(atoms_per_step, sparsity - j)
+        score = alpha.abs().masked_fill_(selected, -1.0)
+        atoms = score.topk(b, dim=1).indices  # N x b
+        support[:, j:j + b] = atoms
+        selected.scatter_(1, atoms, True)
+        rows_a = gram[atoms]  # N x b x k: G[A, :]
+        if j:
+            cross = rows_a.gather(2, support[:, None, :j].expand(n, b, j))  # G[A, I]
+            l21 = torch.bmm(cross, directions[:, :j, :j].mT)  # N x b x j  (= (U^T G[I,A])^T)
+        else:
+            l21 = torch.zeros(n, b, 0, dtype=dtype, device=device)
+        schur = rows_a.gather(2, atoms[:, None, :].expand(n, b, b)) - l21 @ l21.mT
+        l22, keep = _masked_cholesky(schur, dependent * diag[atoms])
+        l21 = l21 * keep[..., None]
+        inv_l22 = torch.linalg.solve_triangular(
+            l22, torch.eye(b, dtype=dtype, device=device).expand(n, b, b), upper=False)
+        inv_l22 = inv_l22 * keep[..., None]  # dropped (dependent) atoms: zero direction
+        new_rows = torch.zeros(n, b, j + b, dtype=dtype, device=device)
+        if j:
+            new_rows[..., :j] = -torch.bmm(inv_l22 @ l21, directions[:, :j, :j])
+        new_rows[..., j:] = inv_l22
+        directions[:, j:j + b, :j + b] = new_rows
+        coefficient = torch.bmm(new_rows, alpha.gather(1, support[:, :j + b]).unsqueeze(2))
+        step = (coefficient * new_rows).sum(dim=1)  # N x (j + b): sum_t c_t u_t
+        direction.zero_().scatter_(1, support[:, :j + b], step)
+        alpha.sub_(direction @ gram)
+        gamma[:, :j + b].add_(step)
+        j += b
+    return support, gamma
+
+
+def _masked_cholesky(matrix: torch.Tensor,
+                     floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cholesky of a batch of small SPD blocks that drops (rather than divides by) pivots
+    at or below ``floor``: such atoms depend on those already chosen. Returns the factor
+    (unit row and column for a dropped atom) and the mask of kept atoms."""
+    n, b, _ = matrix.shape
+    lower = torch.zeros_like(matrix)
+    keep = torch.zeros(n, b, dtype=torch.bool, device=matrix.device)
+    for t in range(b):
+        pivot = matrix[:, t, t] - (lower[:, t, :t] ** 2).sum(dim=1)
+        ok = pivot > floor[:, t]
+        keep[:, t] = ok
+        root = torch.where(ok, pivot.clamp_min(torch.finfo(matrix.dtype).tiny).sqrt(), 1.0)
+        lower[:, t, :t] *= ok[:, None]
+        lower[:, t, t] = root
+        if t + 1 < b:
+            below = matrix[:, t + 1:, t] - torch.bmm(lower[:, t + 1:, :t],
+                                                      lower[:, t, :t, None]).squeeze(2)
+            lower[:, t + 1:, t] = torch.where(ok[:, None], below / root[:, None], 0.0)
+    return lower, keep
 
 
 _GROWTH = 32

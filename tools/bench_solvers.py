@@ -126,6 +126,7 @@ def bench_shape(d1: int, d2: int, args, device: torch.device, rate: float) -> di
         "s": s,
         "dtype": args.dtype,
         "device": str(device),
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "sklearn_seconds_per_column": sklearn_per_column,
         "omp_seconds_per_column": ours / columns,
         "omp_speedup_vs_sklearn": sklearn_per_column / (ours / columns),
@@ -157,8 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-columns", type=int, default=None,
                         help="columns coded per shape (default: all on GPU; 1536 / 128 on CPU)")
     parser.add_argument("--sklearn-columns", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch and for sklearn's BLAS (default: all)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead")
     args = parser.parse_args(argv)
+    if args.threads:
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(args.threads)
+        threadpool_limits(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     rate = matmul_rate(device, dtype)
@@ -182,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_row(row: dict, header: bool) -> None:
     if header:
-        print(f"device {row['device']}, dtype {row['dtype']}, dense matmul "
-              f"{row['matmul_gflop_rate']:.0f} GFLOP/s")
+        print(f"device {row['device']} ({row['threads']} threads), dtype {row['dtype']}, "
+              f"dense matmul {row['matmul_gflop_rate']:.0f} GFLOP/s")
         print(f"{'shape':>12} {'cols':>6} {'k':>5} {'s':>5} {'omp x sk':>9} {'f64 x sk':>9} "
               f"{'iter s':>8} {'iter s(all)':>11} {'omp %':>6} {'frac':>6} {'omp fr':>7} "
               f"{'upd fr':>7} {'peak/W':>7}")
