@@ -27,6 +27,7 @@ class SolverSettings:
     power_iters: int = 8
     seed: int = 42
     omp_chunk: int = 8192  # columns coded at once (upper bound; memory may lower it)
+    atoms_per_step: int = 1  # 1: exact OMP; b > 1: gOMP, ~b x faster, somewhat worse codes
     device: str = "cpu"
     dtype: torch.dtype = torch.float32  # working precision of K-SVD (Grams stay float64)
 
@@ -39,6 +40,8 @@ class SolverSettings:
             raise ValueError(f"rho must be >= 1, got {self.rho}")
         if self.iters < 1:
             raise ValueError(f"iters must be >= 1, got {self.iters}")
+        if self.atoms_per_step < 1:
+            raise ValueError(f"atoms_per_step must be >= 1, got {self.atoms_per_step}")
         if self.power_iters < 1:
             raise ValueError(f"power_iters must be >= 1, got {self.power_iters}")
 
@@ -113,7 +116,7 @@ def _solve_ksvd(whitened: torch.Tensor, whitening: Whitening,
     shape = dictionary_shape(d1, d2, settings.ratio, settings.rho)
     result = ksvd(whitened.to(settings.dtype), shape.k, shape.s, iters=settings.iters,
                   power_iters=settings.power_iters, seed=settings.seed,
-                  omp_chunk=settings.omp_chunk)
+                  omp_chunk=settings.omp_chunk, atoms_per_step=settings.atoms_per_step)
     dictionary = whitening.unwhiten(result.dictionary.to(torch.float64))
     factors = DictionaryFactors(dictionary.float().cpu(), result.support.cpu(),
                                 result.values.float().cpu())
