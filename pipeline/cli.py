@@ -31,6 +31,7 @@ COMPRESS_FLAGS: dict[str, tuple[Any, str]] = {
     "--rho": (float, "atoms per non-zero (k / s)"),
     "--iters": (int, "K-SVD iterations"),
     "--power-iters": (int, "power iterations per atom update"),
+    "--omp-atoms-per-step": (int, "1: exact OMP; b > 1: gOMP, b atoms per step (faster)"),
     "--seed": (int, "solver seed"),
     "--group-size": (int, "consecutive blocks sharing q,k,v,gate,up dictionaries"),
     "--calib-text": (str, "UTF-8 calibration text file"),

@@ -31,6 +31,7 @@ class CompressConfig:
     rho: float = 2.0  # atoms per non-zero, k / s
     iters: int = 60  # K-SVD iterations
     power_iters: int = 8
+    omp_atoms_per_step: int = 1  # 1: exact OMP; b > 1: gOMP (about b x faster, worse codes)
     seed: int = 42
     group_size: int = 1  # consecutive blocks sharing q, k, v, gate, up dictionaries
     calib_text: str | None = None
@@ -83,7 +84,8 @@ class CompressConfig:
 
     def fingerprint_settings(self) -> dict[str, Any]:
         """Settings that change the outputs (resuming with other values would mix runs)."""
-        keep = ("method", "ratio", "rho", "iters", "power_iters", "seed", "group_size",
+        keep = ("method", "ratio", "rho", "iters", "power_iters", "omp_atoms_per_step", "seed",
+                "group_size",
                 "calib_samples", "seq_len", "micro_batch", "propagate",
                 "attn_implementation", "shard_size")
         settings = {key: getattr(self, key) for key in keep}
@@ -108,7 +110,8 @@ def validate(cfg: CompressConfig) -> None:
         raise ConfigError(f"ratio must lie in (0, 1), got {cfg.ratio}")
     if not cfg.rho >= 1.0:
         raise ConfigError(f"rho must be >= 1, got {cfg.rho}")
-    for key in ("iters", "power_iters", "group_size", "calib_samples", "seq_len",
+    for key in ("iters", "power_iters", "omp_atoms_per_step", "group_size", "calib_samples",
+                "seq_len",
                 "micro_batch", "workers", "max_inflight"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")

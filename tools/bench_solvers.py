@@ -20,8 +20,9 @@ scaled to the same column count, and every row says what it used.
 from __future__ import annotations
 
 import argparse
+import builtins
+import functools
 import json
-import resource
 import sys
 import time
 
@@ -69,8 +70,34 @@ def test_matrix(d1: int, d2: int, seed: int, dtype: torch.dtype, device: torch.d
     return ((left * scales) @ torch.randn(d1, d2, generator=gen) / d1**0.5).to(device, dtype)
 
 
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every 2 ms by a thread
+    (ru_maxrss is a lifetime maximum, useless after a larger earlier step)."""
+
+    def __enter__(self) -> PeakRSS:
+        import threading
+
+        import psutil
+
+        self._process = psutil.Process()
+        self.base = self.peak = self._process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+    @property
+    def above_base(self) -> int:
+        return self.peak - self.base
 
 
 def bench_shape(d1: int, d2: int, args, device: torch.device, rate: float) -> dict:
@@ -99,21 +126,21 @@ def bench_shape(d1: int, d2: int, args, device: torch.device, rate: float) -> di
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base_device = torch.cuda.memory_allocated(device)
-    rss_before = peak_rss()
-    sync(device)
-    t0 = time.perf_counter()
-    codes = batch_omp(gram, corr, s).dense(k)
-    residual = matrix - dictionary @ codes
-    sync(device)
-    t1 = time.perf_counter()
-    update_atoms(dictionary.clone(), codes, residual, args.power_iters)
-    sync(device)
-    t2 = time.perf_counter()
+    with PeakRSS() as rss:
+        sync(device)
+        t0 = time.perf_counter()
+        codes = batch_omp(gram, corr, s, atoms_per_step=args.atoms_per_step).dense(k)
+        residual = matrix - dictionary @ codes
+        sync(device)
+        t1 = time.perf_counter()
+        update_atoms(dictionary.clone(), codes, residual, args.power_iters)
+        sync(device)
+        t2 = time.perf_counter()
     omp_seconds, update_seconds = t1 - t0, t2 - t1
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base_device
     else:
-        peak = max(0, peak_rss() - rss_before)
+        peak = rss.above_base
 
     omp_flops = columns * (k * s * s / 2 + s**3 / 3)
     update_flops = 2 * (2 * args.power_iters + 1) * d1 * s * columns
@@ -125,6 +152,7 @@ def bench_shape(d1: int, d2: int, args, device: torch.device, rate: float) -> di
         "k": k,
         "s": s,
         "dtype": args.dtype,
+        "atoms_per_step": args.atoms_per_step,
         "device": str(device),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "sklearn_seconds_per_column": sklearn_per_column,
@@ -158,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-columns", type=int, default=None,
                         help="columns coded per shape (default: all on GPU; 1536 / 128 on CPU)")
     parser.add_argument("--sklearn-columns", type=int, default=None)
+    parser.add_argument("--atoms-per-step", type=int, default=1,
+                        help="OMP atoms per step in the K-SVD iteration (1 = exact OMP)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch and for sklearn's BLAS (default: all)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead")
@@ -180,15 +210,15 @@ def main(argv: list[str] | None = None) -> int:
         if local.sklearn_columns is None:
             local.sklearn_columns = 16 if big else 256
         rows.append(bench_shape(d1, d2, local, device, rate))
-        if not args.json:
-            print_row(rows[-1], header=len(rows) == 1)
+        print_row(rows[-1], header=len(rows) == 1, stream=sys.stderr if args.json else sys.stdout)
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         print()
     return 0
 
 
-def print_row(row: dict, header: bool) -> None:
+def print_row(row: dict, header: bool, stream=sys.stdout) -> None:
+    print = functools.partial(builtins.print, file=stream)  # noqa: A001
     if header:
         print(f"device {row['device']} ({row['threads']} threads), dtype {row['dtype']}, "
               f"dense matmul {row['matmul_gflop_rate']:.0f} GFLOP/s")
