@@ -133,13 +133,21 @@ def test_index_names_missing_shard(tmp_path, capsys, assets):
     _fails(capsys, _args(bad, text, tmp_path / "o"), shard.name, "does not exist")
 
 
-def test_truncated_shard(tmp_path, capsys, assets):
+@pytest.mark.parametrize("damage", ["truncated", "garbled header", "huge header length"])
+def test_truncated_or_corrupt_shard(tmp_path, capsys, assets, damage):
     _, model, text = assets
     bad = _copy(model, tmp_path / "m")
     shard, _ = _shard_with(bad, "layers.0.self_attn.v_proj.weight")
-    data = shard.read_bytes()
-    shard.write_bytes(data[: len(data) - 100])
+    data = bytearray(shard.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) - 100]
+    elif damage == "garbled header":
+        data[8:40] = b"x" * 32
+    else:
+        data[:8] = (10 ** 12).to_bytes(8, "little")
+    shard.write_bytes(bytes(data))
     _fails(capsys, _args(bad, text, tmp_path / "o"), shard.name, "truncated or corrupt")
+    assert not (tmp_path / "o").exists()
 
 
 def _rewrite(shard: Path, name: str, tensor: torch.Tensor) -> None:
@@ -193,6 +201,9 @@ def test_resume_refused_then_restart(tmp_path, capsys, assets):
     other.write_text(text.read_text() + " more")
     _fails(capsys, _args(model, other, out, "--work-dir", str(work), "--method", "svd-llm"),
            "calibration text differs")
+    another = make_model(tmp_path / "m2", "llama", layers=2, seed=1)  # same shapes
+    _fails(capsys, _args(another, text, out, "--work-dir", str(work), "--method", "svd-llm"),
+           "model files differ (model-00001-of-")
     assert main(_args(model, text, out, "--work-dir", str(work), "--method", "svd-llm",
                       "--ratio", "0.4", "--restart")) == 0
 
