@@ -144,6 +144,9 @@ def compress(cfg: CompressConfig, restart: bool = False, progress: bool = True
         current = fingerprint(model_dir, calib, cfg.fingerprint_settings())
         if not lock.held:
             lock.acquire()
+        if lock.previous.get("pid"):  # released locks are emptied: that run was killed
+            log.info("run %s on %s ended without releasing %s; taking over",
+                     lock.previous["pid"], lock.previous.get("host", "?"), work.root)
         resumed = open_manifest(work, current, restart)
         stale = remove_stale_temps(work.root)
         if stale:

@@ -178,6 +178,7 @@ class WorkLock:
     def __init__(self, path: Path):
         self.path = path
         self._fd: int | None = None
+        self.previous: dict = {}
 
     @property
     def held(self) -> bool:

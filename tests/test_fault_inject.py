@@ -92,5 +92,6 @@ def test_second_run_refused_then_stale_lock_taken_over(campaign, capsys):
             os.kill(first, signal.SIGKILL)
             assert runner.server.poll(None) == -signal.SIGKILL
     assert _holder(lock) == first  # stale: the dead run's record, no flock
-    assert main(cli) == 0
+    assert main(cli[1:]) == 0  # not quiet: the take-over is logged
+    assert f"run {first} on " in capsys.readouterr().err
     assert tool.output_files(folder) == tool.output_files(runner.root / "reference")
