@@ -158,6 +158,7 @@ def open_manifest(work: WorkDir, current: dict, restart: bool) -> bool:
             raise ResumeRefused(f"work dir {work.root} holds a run with a different setup: "
                                 f"{'; '.join(diff)}. Pass --restart to discard it")
         return bool(done_tasks(work))
+    work.manifest.unlink(missing_ok=True)  # first: a wipe killed halfway is not resumable
     for entry in work.root.iterdir():
         if entry.name != LOCK:
             remove_tree(entry)
