@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import resource
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,8 +130,12 @@ def is_done(work: WorkDir, task: str) -> bool:
 
 
 def mark_done(work: WorkDir, task: str, info: dict[str, Any] | None = None) -> None:
-    """Record ``task`` as done; call only once its outputs are durable."""
-    write_json(work.done_record(task), {"task": task, **(info or {})})
+    """Record ``task`` as done; call only once its outputs are durable.
+
+    The record also keeps the process's peak RSS so far (diagnostics: which stage of a
+    run set its memory peak)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    write_json(work.done_record(task), {"task": task, "peak_rss_so_far": peak, **(info or {})})
 
 
 def done_tasks(work: WorkDir) -> set[str]:

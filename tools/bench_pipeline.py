@@ -133,13 +133,17 @@ def measure(argv: list[str]) -> dict:
 
 
 def block_seconds(work: Path) -> dict[str, float]:
-    """Per-block task seconds from the done records (capture + factor)."""
-    out: dict[str, float] = {"capture": 0.0, "factor": 0.0}
+    """Task seconds from the done records (capture, factor) and the process's peak RSS when
+    the last task before assembly finished."""
+    out: dict[str, float] = {"capture": 0.0, "factor": 0.0, "peak_before_assembly": 0}
     for record in (work / "done").glob("*.json"):
         data = json.loads(record.read_text())
-        for kind in out:
+        for kind in ("capture", "factor"):
             if data["task"].startswith(kind):
                 out[kind] += data.get("seconds", 0.0)
+        if data["task"] != "assemble":
+            out["peak_before_assembly"] = max(out["peak_before_assembly"],
+                                              data.get("peak_rss_so_far", 0))
     return out
 
 
@@ -186,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             "above_bare": run["peak_rss"] - bare["peak_rss"],
             "above_bare_over_model": (run["peak_rss"] - bare["peak_rss"]) / disk,
             "above_code": run["peak_rss"] - code["peak_rss"],
+            "peak_rss_before_assembly": tasks["peak_before_assembly"],
             "seconds": run["seconds"], "seconds_per_block": run["seconds"] / depth,
             "capture_s_per_block": tasks["capture"] / depth,
             "factor_s_per_block": tasks["factor"] / depth,
@@ -209,11 +214,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.method}, {args.iters} iters, {report['calibration']} tokens, "
           f"{os.cpu_count()} CPUs")
     print(f"{'blocks':>6}{'model MiB':>11}{'peak MiB':>10}{'above bare':>12}{'/ model':>9}"
-          f"{'above code':>12}{'s/block':>9}{'capture':>9}{'factor':>8}")
+          f"{'above code':>12}{'pre-asm MiB':>12}{'s/block':>9}{'capture':>9}{'factor':>8}")
     for r in results:
         print(f"{r['blocks']:>6}{r['model_bytes'] / mib:>11.0f}{r['peak_rss'] / mib:>10.0f}"
               f"{r['above_bare'] / mib:>12.0f}{r['above_bare_over_model']:>9.3f}"
-              f"{r['above_code'] / mib:>12.0f}"
+              f"{r['above_code'] / mib:>12.0f}{r['peak_rss_before_assembly'] / mib:>12.0f}"
               f"{r['seconds_per_block']:>9.2f}{r['capture_s_per_block']:>9.2f}"
               f"{r['factor_s_per_block']:>8.2f}")
     if "rss_growth" in report:
