@@ -35,7 +35,7 @@ killed); ``--fresh`` starts a new interpreter per run instead, the ``cospadi`` c
 exactly, at several seconds of imports a run.
 
     python tools/fault_inject.py [--kills 20] [--seed 0] [--chain 1] [--fresh] [--json]
-                                 [--keep DIR]
+                                 [--method cospadi] [--propagate original] [--keep DIR]
 
 Targets (issue 5): every resume completes, every file identical, nothing recomputed.
 Exit status 0 when they are met.
@@ -161,14 +161,17 @@ def make_assets(root: Path) -> tuple[Path, Path]:
     return make_model(root / "model", "llama", layers=3), calib_text(root / "calib.txt")
 
 
-def command(model: Path, text: Path, folder: Path, method: str) -> list[str]:
-    return [sys.executable, "-m", "cospadi.pipeline.cli", *cli_args(model, text, folder, method)]
+def command(model: Path, text: Path, folder: Path, method: str,
+            propagate: str = "original") -> list[str]:
+    return [sys.executable, "-m", "cospadi.pipeline.cli",
+            *cli_args(model, text, folder, method, propagate)]
 
 
-def cli_args(model: Path, text: Path, folder: Path, method: str) -> list[str]:
+def cli_args(model: Path, text: Path, folder: Path, method: str,
+             propagate: str = "original") -> list[str]:
     return ["-q", "compress", "--model", str(model), "--out", str(folder / "out"),
             "--work-dir", str(folder / "work"), "--calib-text", str(text), "--method", method,
-            *SETTINGS]
+            "--propagate", propagate, *SETTINGS]
 
 
 # A warm interpreter that has imported cospadi, torch and transformers once and forks one
@@ -370,12 +373,12 @@ def moment_of(label: str) -> str:
 
 class Campaign:
     def __init__(self, root: Path, kills: int, seed: int, chain: int, method: str,
-                 log=print, fresh: bool = False):
+                 log=print, fresh: bool = False, propagate: str = "original"):
         self.root, self.kills, self.chain, self.log = root, kills, chain, log
         self.fresh = fresh
         self.server: ForkServer | None = None
         self.rng = random.Random(seed)
-        self.method = method
+        self.method, self.propagate = method, propagate
         self.model, self.text = make_assets(root)
         self.report = Report()
         self.runs = 0
@@ -402,8 +405,8 @@ class Campaign:
 
     def argv(self, folder: Path) -> list[str]:
         if self.server is None:
-            return command(self.model, self.text, folder, self.method)
-        return cli_args(self.model, self.text, folder, self.method)
+            return command(self.model, self.text, folder, self.method, self.propagate)
+        return cli_args(self.model, self.text, folder, self.method, self.propagate)
 
     def remaining(self, folder: Path) -> list[Event]:
         """Reference write steps a run in ``folder`` would still make, in order."""
@@ -545,10 +548,11 @@ class Campaign:
 
 
 def campaign(root: Path, kills: int = 20, seed: int = 0, chain: int = 1,
-             method: str = "cospadi", log=print, fresh: bool = False) -> Report:
+             method: str = "cospadi", log=print, fresh: bool = False,
+             propagate: str = "original") -> Report:
     """Run the campaign in ``root``; ``fresh``: a new interpreter per run (the ``cospadi``
     command exactly, several seconds of imports each) instead of forks of a warm one."""
-    runner = Campaign(root, kills, seed, chain, method, log, fresh)
+    runner = Campaign(root, kills, seed, chain, method, log, fresh, propagate)
     if not fresh:
         runner.server = ForkServer()
     try:
@@ -599,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chain", type=int, default=1,
                         help="kills per episode: a resume may be killed again up to this")
     parser.add_argument("--method", default="cospadi", choices=("cospadi", "svd-llm"))
+    parser.add_argument("--propagate", default="original", choices=("original", "compressed"),
+                        help="inputs of later groups (compressed adds the propagate tasks)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--keep", help="folder to work in and keep (default: a temp folder)")
     parser.add_argument("--fresh", action="store_true",
@@ -611,11 +617,11 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(args.keep).resolve()
         root.mkdir(parents=True, exist_ok=True)
         report = campaign(root, args.kills, args.seed, args.chain, args.method, log,
-                          args.fresh)
+                          args.fresh, args.propagate)
     else:
         with tempfile.TemporaryDirectory(prefix="cospadi-faults-") as tmp:
             report = campaign(Path(tmp), args.kills, args.seed, args.chain, args.method, log,
-                              args.fresh)
+                              args.fresh, args.propagate)
     if args.json:
         print(json.dumps(report.as_json(), indent=2))
     else:
