@@ -17,8 +17,25 @@ COEFFICIENT_BITS = 14  # bf16 with the two lowest mantissa bits dropped
 MASK_BITS = 1  # one bit per (atom, column) pair
 
 
+class _KeptFractions:
+    """Kept fractions against the dense d1 x d2 matrix in bf16."""
+
+    d1: int
+    d2: int
+    params: int
+    bytes: int
+
+    @property
+    def kept_params(self) -> float:
+        return self.params / (self.d1 * self.d2)
+
+    @property
+    def kept_bytes(self) -> float:
+        return self.bytes / (DENSE_BYTES_PER_PARAM * self.d1 * self.d2)
+
+
 @dataclass(frozen=True)
-class DictionaryShape:
+class DictionaryShape(_KeptFractions):
     d1: int
     d2: int
     k: int  # atoms
@@ -32,17 +49,9 @@ class DictionaryShape:
     def bytes(self) -> int:
         return dictionary_bytes(self.d1, self.d2, self.k, self.s)
 
-    @property
-    def kept_params(self) -> float:
-        return self.params / (self.d1 * self.d2)
-
-    @property
-    def kept_bytes(self) -> float:
-        return self.bytes / (DENSE_BYTES_PER_PARAM * self.d1 * self.d2)
-
 
 @dataclass(frozen=True)
-class LowRankShape:
+class LowRankShape(_KeptFractions):
     d1: int
     d2: int
     r: int
@@ -54,14 +63,6 @@ class LowRankShape:
     @property
     def bytes(self) -> int:
         return DENSE_BYTES_PER_PARAM * self.params
-
-    @property
-    def kept_params(self) -> float:
-        return self.params / (self.d1 * self.d2)
-
-    @property
-    def kept_bytes(self) -> float:
-        return self.bytes / (DENSE_BYTES_PER_PARAM * self.d1 * self.d2)
 
 
 def check_ratio(ratio: float) -> None:
