@@ -113,21 +113,27 @@ def checkpoint_tensors(model_dir: str | os.PathLike) -> dict[str, TensorInfo]:
 
 
 class TensorSource:
-    """Loads tensors from many safetensors files, keeping each open once (memory-mapped)."""
+    """Loads tensors from many safetensors files with one file open (memory-mapped) at a
+    time: the pages a mapping has touched count in RSS until it is unmapped, so keeping
+    every source file open made assembly's peak grow with the model's size."""
 
     def __init__(self) -> None:
-        self._handles: dict[Path, object] = {}
+        self._file: Path | None = None
+        self._handle: object | None = None
 
     def get(self, info: TensorInfo, name: str) -> torch.Tensor:
-        if info.file not in self._handles:
-            self._handles[info.file] = safe_open(str(info.file), framework="pt")
+        if info.file != self._file:
+            self.close()
+            self._handle = safe_open(str(info.file), framework="pt")
+            self._file = info.file
         try:
-            return self._handles[info.file].get_tensor(name)
+            return self._handle.get_tensor(name)
         except SafetensorError as err:
             raise CheckpointError(f"cannot read {name} from {info.file}: {err}") from err
 
     def close(self) -> None:
-        self._handles.clear()  # safe_open handles unmap when dropped
+        self._handle = None  # safe_open handles unmap when dropped
+        self._file = None
 
 
 @dataclass(frozen=True)
