@@ -61,10 +61,13 @@ class Run:
     seq_len: int
     rho: float
     seed: int
+    omp_atoms: int = 1  # 1: exact OMP (the paper's); b > 1: gOMP, b atoms per step
 
     @property
     def name(self) -> str:
-        it = f"-it{self.iters}" if METHODS[self.method][1] == "cospadi" else ""
+        it = ""
+        if METHODS[self.method][1] == "cospadi":
+            it = f"-it{self.iters}" + (f"-gomp{self.omp_atoms}" if self.omp_atoms > 1 else "")
         return (f"{self.method}-r{self.ratio:g}-{self.propagate}{it}"
                 f"-c{self.calib_samples}x{self.seq_len}-rho{self.rho:g}-s{self.seed}")
 
@@ -73,10 +76,12 @@ class Run:
         return ["--method", method, "--ratio", str(self.ratio), "--group-size", str(group),
                 "--propagate", self.propagate, "--iters", str(self.iters),
                 "--calib-samples", str(self.calib_samples), "--seq-len", str(self.seq_len),
-                "--rho", str(self.rho), "--seed", str(self.seed)]
+                "--rho", str(self.rho), "--seed", str(self.seed),
+                "--omp-atoms-per-step", str(self.omp_atoms)]
 
     def settings(self) -> str:
-        solver = (f"K-SVD {self.iters} it, rho {self.rho:g}"
+        omp = "exact OMP" if self.omp_atoms == 1 else f"gOMP {self.omp_atoms} atoms/step"
+        solver = (f"K-SVD {self.iters} it, {omp}, rho {self.rho:g}"
                   if METHODS[self.method][1] == "cospadi" else "SVD")
         return (f"{solver}; calib {self.calib_samples}x{self.seq_len}; "
                 f"propagate {self.propagate}")
@@ -101,8 +106,9 @@ def evaluate(model_dir: Path, text: Path, seq_len: int, windows: int, threads: i
         args += ["--max-windows", str(windows)]
     start = time.perf_counter()
     out = cli(args, threads, quiet=True).stdout.strip().splitlines()[-1]
-    result = json.loads(out)
-    result["seconds"] = round(time.perf_counter() - start, 1)
+    result = json.loads(out)  # ppl, tokens
+    windows = result["tokens"] // (seq_len - 1)
+    result.update(seq_len=seq_len, windows=windows, seconds=round(time.perf_counter() - start, 1))
     return result
 
 
@@ -148,7 +154,10 @@ def run_one(run: Run, opts: argparse.Namespace, assets: Path, runs: Path) -> dic
 def dense_ppl(opts: argparse.Namespace, assets: Path, runs: Path) -> dict:
     path = runs / f"dense-eval{opts.eval_seq_len}x{opts.eval_windows or 'all'}.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        result = json.loads(path.read_text())
+        result.setdefault("seq_len", opts.eval_seq_len)
+        result.setdefault("windows", result["tokens"] // (opts.eval_seq_len - 1))
+        return result
     result = evaluate(assets / "model", assets / "eval.txt", opts.eval_seq_len,
                       opts.eval_windows, opts.torch_threads)
     write_json(path, result)
@@ -157,7 +166,7 @@ def dense_ppl(opts: argparse.Namespace, assets: Path, runs: Path) -> dict:
 
 def planned_runs(opts: argparse.Namespace) -> list[Run]:
     common = dict(iters=opts.iters, calib_samples=opts.calib_samples, seq_len=opts.seq_len,
-                  rho=opts.rho, seed=opts.seed)
+                  rho=opts.rho, seed=opts.seed, omp_atoms=opts.omp_atoms_per_step)
     runs = [Run(method, ratio, "original", **common)
             for ratio in opts.ratios for method in opts.methods]
     if opts.propagation_ratio is not None and "cospadi" in opts.methods:
@@ -207,8 +216,9 @@ def write_report(records: list[dict], dense: dict, opts: argparse.Namespace,
     svd = {r["ratio"]: r["ppl"] for r in records if r["method"] == "svd-llm"}
     evaluation = (f"{dense['windows']} windows of {dense['seq_len']} tokens "
                   f"({dense['tokens']} predicted tokens)")
-    used = sorted({(r["iters"], r["calib_samples"], r["seq_len"]) for r in records})
-    paper = (PAPER["iters"], PAPER["calib_samples"], PAPER["seq_len"])
+    used = sorted({(r["iters"], r["calib_samples"], r["seq_len"], r.get("omp_atoms", 1))
+                   for r in records})
+    paper = (PAPER["iters"], PAPER["calib_samples"], PAPER["seq_len"], 1)
     lines = [
         "# SmolLM2-135M-Instruct: SVD-LLM vs CoSpaDi",
         "",
@@ -219,10 +229,11 @@ def write_report(records: list[dict], dense: dict, opts: argparse.Namespace,
         f"{evaluation}, float32 on CPU). Dense perplexity: **{dense['ppl']:.2f}**.",
         "",
         "Settings: " + "; ".join(
-            f"{it} K-SVD iterations, calibration {n} x {s} tokens" for it, n, s in used)
+            f"{it} K-SVD iterations ({'exact OMP' if b == 1 else f'gOMP, {b} atoms per step'}),"
+            f" calibration {n} x {s} tokens" for it, n, s, b in used)
         + (" (the paper's)." if used == [paper] else
-           f" (the paper's are {paper[0]} iterations and {paper[1]} x {paper[2]} tokens; "
-           "these runs used less to fit a 2-core CPU budget)."),
+           f" (the paper's are {paper[0]} iterations with exact OMP and {paper[1]} x "
+           f"{paper[2]} tokens; these runs used less to fit a 2-core CPU budget)."),
         f"Torch threads {opts.torch_threads}; rho = k/s = {opts.rho:g}; seed {opts.seed}. "
         "Kept fractions are of the compressed projections (q, k, v, o, gate, up, down of "
         "every block), parameters and bytes as stored (bf16 dictionary, 14-bit coefficients, "
@@ -315,12 +326,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--calib-samples", type=int, default=PAPER["calib_samples"])
     ap.add_argument("--seq-len", type=int, default=PAPER["seq_len"],
                     help="calibration tokens per sample")
+    ap.add_argument("--omp-atoms-per-step", type=int, default=1,
+                    help="1: exact OMP (the paper's); b > 1: gOMP with b atoms per step, "
+                         "about b x faster sparse coding, somewhat worse codes")
     ap.add_argument("--rho", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=0,
                     help="evaluation windows (0: the whole evaluation text)")
-    ap.add_argument("--torch-threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--torch-threads", type=int, default=len(os.sched_getaffinity(0)),
+                    help="torch/OpenMP threads of every child (default: the usable cores; on "
+                         "a CPU shared with other jobs use 1: OpenMP spin-waits under "
+                         "oversubscription made K-SVD 3x slower with 2 threads than with 1)")
     ap.add_argument("--report-all", action="store_true",
                     help="report every finished record under RUNS with this evaluation")
     ap.add_argument("--report-only", action="store_true", help="run nothing, write the report")
