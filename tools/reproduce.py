@@ -181,44 +181,79 @@ def fmt_seconds(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
+def _calib(r: dict) -> tuple[int, int]:
+    return r["calib_samples"], r["seq_len"]
+
+
+def _solver(r: dict) -> tuple[int, int]:
+    """K-SVD iterations and OMP atoms per step ((0, 0) for SVD-LLM)."""
+    return (r["iters"], r.get("omp_atoms", 1)) if r["method"] != "svd-llm" else (0, 0)
+
+
+def _base_solver(records: list[dict]) -> tuple[int, int]:
+    """The K-SVD setting most CoSpaDi rows share (others are labelled as variants)."""
+    keys = [_solver(r) for r in records if r["method"] != "svd-llm"]
+    return max(set(keys), key=keys.count) if keys else (0, 0)
+
+
+def _variant(r: dict, base: tuple[int, int]) -> str:
+    """Label suffix of a row whose solver setting differs from the common one."""
+    if r["method"] == "svd-llm" or _solver(r) == base:
+        return ""
+    it, b = _solver(r)
+    return f", {it} K-SVD it" + ("" if b == base[1] else f", OMP {b} atoms/step")
+
+
 def targets(records: list[dict]) -> list[str]:
-    """One line per check the issue asks for (CoSpaDi <= SVD-LLM / 2; grouped <= per layer)."""
-    def find(method: str, ratio: float, propagate: str = "original") -> dict | None:
+    """One line per check the issue asks for (CoSpaDi <= SVD-LLM / 2; grouped <= per layer;
+    propagate compressed vs original), each between rows with the same calibration and,
+    for CoSpaDi against CoSpaDi, the same K-SVD setting."""
+    def find(ref: dict, method: str, propagate: str = "original") -> dict | None:
         for r in records:
-            if r["method"] == method and r["ratio"] == ratio and r["propagate"] == propagate:
+            if (r["method"] == method and r["ratio"] == ref["ratio"]
+                    and r["propagate"] == propagate and _calib(r) == _calib(ref)
+                    and (method == "svd-llm" or _solver(r) == _solver(ref))):
                 return r
         return None
 
     lines = []
-    for ratio in sorted({r["ratio"] for r in records}):
-        svd, per, grp = find("svd-llm", ratio), find("cospadi", ratio), find("cospadi-g2", ratio)
-        if svd and per:
+    base = _base_solver(records)
+    for per in sorted((r for r in records if r["method"] == "cospadi"
+                       and r["propagate"] == "original"),
+                      key=lambda r: (_solver(r) != base, _solver(r), r["ratio"])):
+        g, v = f"gamma {per['ratio']:g}", _variant(per, base)
+        svd = find(per, "svd-llm")
+        if svd:
             q = per["ppl"] / svd["ppl"]
-            lines.append(f"- gamma {ratio:g}: CoSpaDi per layer / SVD-LLM = {q:.2f} "
-                         f"(target <= 0.50: {'met' if q <= 0.5 else 'MISSED'})")
-        if per and grp:
+            lines.append(f"- {g}: CoSpaDi per layer{v} {per['ppl']:.2f} / SVD-LLM "
+                         f"{svd['ppl']:.2f} = {q:.2f} (target <= 0.50: "
+                         f"{'met' if q <= 0.5 else 'MISSED'})")
+        grp = find(per, "cospadi-g2")
+        if grp:
             ok = grp["ppl"] <= per["ppl"]
-            lines.append(f"- gamma {ratio:g}: grouped {grp['ppl']:.2f} vs per layer "
+            lines.append(f"- {g}: CoSpaDi groups of 2{v} {grp['ppl']:.2f} vs per layer "
                          f"{per['ppl']:.2f} (target grouped <= per layer: "
                          f"{'met' if ok else 'MISSED'})")
-        orig, comp = find("cospadi", ratio), find("cospadi", ratio, "compressed")
-        if orig and comp:
-            lines.append(f"- gamma {ratio:g}: CoSpaDi per layer, propagate compressed "
-                         f"{comp['ppl']:.2f} vs original {orig['ppl']:.2f}")
+        comp = find(per, "cospadi", "compressed")
+        if comp:
+            lines.append(f"- {g}: CoSpaDi per layer{v}, propagate compressed "
+                         f"{comp['ppl']:.2f} vs original {per['ppl']:.2f}")
     return lines
 
 
 def write_report(records: list[dict], dense: dict, opts: argparse.Namespace,
                  results: Path) -> None:
     order = list(METHODS)
-    records = sorted(records, key=lambda r: (order.index(r["method"]), r["propagate"] != "original",
+    base = _base_solver(records)
+    records = sorted(records, key=lambda r: (order.index(r["method"]), _solver(r) != base,
+                                             _solver(r), r["propagate"] != "original",
                                              r["ratio"]))
-    svd = {r["ratio"]: r["ppl"] for r in records if r["method"] == "svd-llm"}
+    svd = {(r["ratio"], _calib(r)): r["ppl"] for r in records if r["method"] == "svd-llm"}
     evaluation = (f"{dense['windows']} windows of {dense['seq_len']} tokens "
                   f"({dense['tokens']} predicted tokens)")
-    used = sorted({(r["iters"], r["calib_samples"], r["seq_len"], r.get("omp_atoms", 1))
-                   for r in records})
-    paper = (PAPER["iters"], PAPER["calib_samples"], PAPER["seq_len"], 1)
+    used = sorted({(*_solver(r), *_calib(r)) for r in records if r["method"] != "svd-llm"})
+    calibs = sorted({_calib(r) for r in records})
+    paper = (PAPER["iters"], 1, PAPER["calib_samples"], PAPER["seq_len"])
     lines = [
         "# SmolLM2-135M-Instruct: SVD-LLM vs CoSpaDi",
         "",
@@ -228,12 +263,16 @@ def write_report(records: list[dict], dense: dict, opts: argparse.Namespace,
         "was scored by `cospadi eval` on the same held-out tokens (`assets/eval.txt`, "
         f"{evaluation}, float32 on CPU). Dense perplexity: **{dense['ppl']:.2f}**.",
         "",
-        "Settings: " + "; ".join(
-            f"{it} K-SVD iterations ({'exact OMP' if b == 1 else f'gOMP, {b} atoms per step'}),"
-            f" calibration {n} x {s} tokens" for it, n, s, b in used)
+        "Settings: calibration " + ", ".join(f"{n} x {t} tokens" for n, t in calibs)
+        + "; CoSpaDi " + ", ".join(
+            f"{it} K-SVD iteration{'s' if it > 1 else ''} "
+            f"({'exact OMP' if b == 1 else f'gOMP, {b} atoms per step'})"
+            for it, b, _, _ in used)
         + (" (the paper's)." if used == [paper] else
-           f" (the paper's are {paper[0]} iterations with exact OMP and {paper[1]} x "
-           f"{paper[2]} tokens; these runs used less to fit a 2-core CPU budget)."),
+           f" (the paper's are {paper[0]} iterations with exact OMP and {paper[2]} x "
+           f"{paper[3]} tokens; these runs used less to fit a 2-core CPU budget).")
+        + (" Variants with other K-SVD settings are labelled in the method column."
+           if len(used) > 1 else ""),
         f"Torch threads {opts.torch_threads}; rho = k/s = {opts.rho:g}; seed {opts.seed}. "
         "Kept fractions are of the compressed projections (q, k, v, o, gate, up, down of "
         "every block), parameters and bytes as stored (bf16 dictionary, 14-bit coefficients, "
@@ -245,8 +284,10 @@ def write_report(records: list[dict], dense: dict, opts: argparse.Namespace,
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        rel = f"{r['ppl'] / svd[r['ratio']]:.2f}" if r["ratio"] in svd else "-"
-        label = r["label"] + (" (propagate compressed)" if r["propagate"] == "compressed" else "")
+        key = (r["ratio"], _calib(r))
+        rel = f"{r['ppl'] / svd[key]:.2f}" if key in svd else "-"
+        label = r["label"] + _variant(r, base) + (
+            ", propagate compressed" if r["propagate"] == "compressed" else "")
         lines.append(f"| {label} | {r['ratio']:g} | {r['ppl']:.2f} | {rel} | "
                      f"{r['kept_params']:.4f} | {r['kept_bytes']:.4f} | {r['settings']} | "
                      f"{fmt_seconds(r['compress_seconds'])} |")
@@ -271,19 +312,28 @@ def plot(records: list[dict], dense: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    styles = {"svd-llm": ("o-", "tab:red"), "cospadi": ("s-", "tab:blue"),
-              "cospadi-g2": ("^-", "tab:green")}
-    for method, (label, _, _) in METHODS.items():
-        for propagate in ("original", "compressed"):
-            rows = sorted((r for r in records if r["method"] == method
-                           and r["propagate"] == propagate), key=lambda r: r["ratio"])
-            if not rows:
-                continue
-            style, color = styles[method]
-            if propagate == "compressed":
-                style, label = "D", f"{label}, propagate compressed"
-            ax.plot([r["ratio"] for r in rows], [r["ppl"] for r in rows], style, color=color,
-                    label=label, markerfacecolor="none" if propagate == "compressed" else None)
+    styles = {"svd-llm": ("o", "tab:red"), "cospadi": ("s", "tab:blue"),
+              "cospadi-g2": ("^", "tab:green")}
+    base = _base_solver(records)
+    series: dict[tuple, list[dict]] = {}
+    for r in records:
+        series.setdefault((r["method"], r["propagate"], _solver(r)), []).append(r)
+    order = list(METHODS)
+    for (method, propagate, solver), rows in sorted(
+            series.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1] != "original",
+                                       kv[0][2])):
+        rows.sort(key=lambda r: r["ratio"])
+        marker, color = styles[method]
+        label = METHODS[method][0] + _variant(rows[0], base)
+        main_line = propagate == "original" and (method == "svd-llm" or solver == base)
+        if propagate == "compressed":
+            marker, label = "D", f"{label}, propagate compressed"
+        elif not main_line:
+            marker = "*"
+        ax.plot([r["ratio"] for r in rows], [r["ppl"] for r in rows],
+                marker + ("-" if main_line else ""), color=color, label=label,
+                markersize=6 if main_line else 9,
+                markerfacecolor=None if main_line else "none")
     ax.axhline(dense["ppl"], color="gray", linestyle="--", label=f"dense ({dense['ppl']:.1f})")
     ax.set_yscale("log")
     ax.set_xlabel("compression ratio gamma (fraction of projection parameters removed)")
