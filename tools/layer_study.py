@@ -2,6 +2,7 @@
 
     python tools/layer_study.py [--block 15] [--ratio 0.3] [--calib 32x256,128x256]
         [--iters 1,2,4] [--omp-atoms 8] [--heldout-windows 8] [--json out.json]
+    python tools/layer_study.py --curve 60 [--calib 32x256] [--projections q_proj,o_proj]
 
 For every projection of one decoder block of the demo model, the relative functional
 error ``||X (W - W_hat)||_F / ||X W||_F`` of SVD-LLM and of CoSpaDi (K-SVD after each of
@@ -14,6 +15,10 @@ for each calibration size in ``--calib``. Activations come from the dense model 
 pipeline's ``--propagate original``), Grams in float64 via forward pre-hooks; the model
 runs only up to the studied block. Perplexity integrates these errors over 210 matrices,
 so a method that wins here on held-out error should win on perplexity too.
+
+``--curve N`` instead runs K-SVD once for N iterations per projection and prints the
+calibration error after 1, 2, 4, 8, ... iterations (the held-out/calibration error ratio
+between methods barely moves with the calibration set, so the curve stands for both).
 """
 
 from __future__ import annotations
@@ -84,6 +89,39 @@ def rel_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) ->
     return float((torch.trace(diff.T @ gram @ diff) / torch.trace(w.T @ gram @ w)).sqrt())
 
 
+def error_curves(model, tok, calib_text: str, opts: argparse.Namespace) -> int:
+    """Calibration functional error of K-SVD after every iteration (one run), vs SVD-LLM."""
+    from cospadi.stages.ksvd import ksvd
+    from cospadi.stages.sizing import dictionary_shape
+    from cospadi.stages.whitening import whitening_from_gram
+
+    samples, seq_len = opts.calib[0]
+    grams = block_grams(model, opts.block, calibration_ids(calib_text, tok, samples, seq_len))
+    layer = model.model.layers[opts.block]
+    marks = [i for i in (1, 2, 4, 8, 16, 32, 60, 100) if i <= opts.curve]
+    rows = []
+    for proj in opts.projections.split(","):
+        weight = layer.get_submodule(MODULES[proj]).weight.detach().T.contiguous()
+        gram = grams[INPUTS[proj]]
+        svd = factorize_group([weight], [gram], SolverSettings(
+            method="svd-llm", ratio=opts.ratio)).factors[0].dense()
+        whitened = whitening_from_gram(gram).whiten(weight.double()).float()
+        shape = dictionary_shape(*weight.shape, opts.ratio, opts.rho)
+        t0 = time.perf_counter()
+        result = ksvd(whitened, shape.k, shape.s, iters=opts.curve,
+                      atoms_per_step=opts.omp_atoms)
+        row = {"projection": proj, "svd": rel_error(weight, svd, gram),
+               "ksvd": result.errors, "seconds": round(time.perf_counter() - t0, 1)}
+        rows.append(row)
+        print(f"{proj:>9}: SVD-LLM {row['svd']:.3f}; K-SVD " + "  ".join(
+            f"{i} it {result.errors[i - 1]:.3f}" for i in marks)
+            + f"  ({row['seconds']} s)", flush=True)
+    if opts.json:
+        Path(opts.json).write_text(json.dumps({"block": opts.block, "ratio": opts.ratio,
+                                               "calib": opts.calib[0], "rows": rows}))
+    return 0
+
+
 def parse_calib(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in item.split("x")) for item in text.split(",") if item]
 
@@ -100,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heldout-windows", type=int, default=8)
     ap.add_argument("--projections", default=",".join(MODULES))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--curve", type=int, default=0,
+                    help="instead: one K-SVD run of this many iterations per projection on "
+                         "the first --calib, calibration error after each iteration")
     ap.add_argument("--json")
     opts = ap.parse_args(argv)
     torch.set_num_threads(opts.threads)
@@ -114,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     held = block_grams(model, opts.block, heldout)
     print(f"held-out Grams ({heldout.numel()} tokens) in {time.perf_counter() - t0:.0f} s")
     calib_text = read_text(assets / "calib.txt")
+    if opts.curve:
+        return error_curves(model, tok, calib_text, opts)
     iters = sorted(int(v) for v in opts.iters.split(","))
     layer = model.model.layers[opts.block]
     rows = []
