@@ -9,7 +9,9 @@ but the requested module ever holds real memory.
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -69,9 +71,35 @@ def load_config(model_dir: str | Path) -> PretrainedConfig:
         raise ArchitectureError(f"cannot read {model_dir / 'config.json'}: {err}") from err
 
 
+# accelerate's init_empty_weights patches nn.Module.register_parameter for the whole
+# process. Two threads inside it at once restore each other's patch in the wrong order and
+# leave every later nn.Parameter on "meta" (pipeline tasks run in threads). So the patch is
+# taken under a lock, and at most once per model per process thanks to the cache below:
+# a thread building real modules then never overlaps it, as each task loads the skeleton
+# before it builds anything.
+_META_INIT_LOCK = threading.Lock()
+
+
 def load_skeleton(model_dir: str | Path, attn_implementation: str = "auto") -> ModelSkeleton:
     """The model on the meta device; ``auto`` lets transformers pick the attention kernel
-    as ``from_pretrained`` would (sdpa where the architecture supports it)."""
+    as ``from_pretrained`` would (sdpa where the architecture supports it).
+
+    Cached per process (callers deep-copy the modules they fill, never mutate the tree);
+    the key includes config.json's size and mtime so a rewritten config is read again.
+    """
+    model_dir = Path(model_dir).resolve()
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise ArchitectureError(f"{config_file} does not exist")
+    stat = config_file.stat()
+    with _META_INIT_LOCK:
+        return _cached_skeleton(str(model_dir), attn_implementation, stat.st_size,
+                                stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=4)
+def _cached_skeleton(model_dir: str, attn_implementation: str, _size: int,
+                     _mtime_ns: int) -> ModelSkeleton:
     config = load_config(model_dir)
     try:
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
