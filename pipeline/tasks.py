@@ -226,9 +226,15 @@ def run_capture(job: Job, layer: int, *_deps: object) -> str:
 
 def _solver():
     # imported late: the solver stack is heavy and only factor tasks need it
-    from ..stages.factorize import factorize_group
+    from ..stages.factorize import factorize_whitened
 
-    return factorize_group
+    return factorize_whitened
+
+
+def _group_whitening():
+    from ..stages.factorize import group_whitening
+
+    return group_whitening
 
 
 def solver_settings(job: Job):
@@ -256,22 +262,28 @@ def run_factor(job: Job, group_index: int, *_deps: object) -> str:
     start = time.perf_counter()
     skeleton, reader = _setup(job)
     work, layers = job.work, job.groups[group_index]
-    held: dict[tuple[int, str], torch.Tensor] = {}  # Grams of the input being solved only
+    settings = solver_settings(job)
+    held: dict[tuple[tuple[int, ...], str], object] = {}  # the input being solved only
 
     def weight(layer: int, projection: str) -> torch.Tensor:
         key = f"{module_path(skeleton.base_prefix, layer, projection)}.weight"
         return reader.load([key], dtype=torch.float32)[key].T
 
-    def gram(layer: int, input_name: str) -> torch.Tensor:
-        if (layer, input_name) not in held:
-            if any(name != input_name for _, name in held):
-                held.clear()  # solves run input by input: drop the previous input's Grams
-            grams, tokens = read_grams(work.grams(layer), [input_name])
-            held[(layer, input_name)] = grams[input_name].div_(tokens)  # mean over tokens
-        return held[(layer, input_name)]
+    def whitening(members: tuple[int, ...], input_name: str):
+        if (members, input_name) not in held:
+            held.clear()  # drop the previous input's whitening before building the next
+            total = None  # mean over members of each member's per-token Gram
+            for layer in members:
+                grams, tokens = read_grams(work.grams(layer), [input_name])
+                gram = grams.pop(input_name).div_(tokens)
+                total = gram if total is None else total.add_(gram)
+                del gram
+            held[(members, input_name)] = _group_whitening()(
+                [total.div_(len(members))], settings)
+        return held[(members, input_name)]
 
     with device_gate(job.device):
-        result = compress_group(layers, weight, gram, solver_settings(job), _solver())
+        result = compress_group(layers, weight, whitening, settings, _solver())
     for layer in layers:
         factors = {module_path(skeleton.base_prefix, layer, proj): f
                    for proj, f in result.factors[layer].items()}

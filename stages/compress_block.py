@@ -15,7 +15,8 @@ import torch
 from .factors import Factors
 from .projections import INPUT_OF, PROJECTIONS, SHARED_IN_GROUP
 
-Solver = Callable[[list[torch.Tensor], list[torch.Tensor], object], object]  # factorize_group
+# factorize_whitened(weights, whitening, settings)
+Solver = Callable[[list[torch.Tensor], object, object], object]
 
 
 def plan_groups(num_layers: int, group_size: int) -> list[tuple[int, ...]]:
@@ -46,19 +47,20 @@ def solve_units(layers: Sequence[int]) -> list[tuple[str, tuple[int, ...]]]:
 
 def compress_group(layers: Sequence[int],
                    weight: Callable[[int, str], torch.Tensor],
-                   gram: Callable[[int, str], torch.Tensor],
+                   whitening: Callable[[tuple[int, ...], str], object],
                    settings: object, solver: Solver) -> GroupFactors:
     """Solve every projection of ``layers``.
 
-    ``weight(layer, projection)`` gives W (d1 x d2, math layout) and ``gram(layer, input)``
-    the Gram of that input, both loaded on demand so only one projection's matrices are
-    held at a time.
+    ``weight(layer, projection)`` gives W (d1 x d2, math layout) and
+    ``whitening(members, input)`` the whitening of that input from the members' mean Gram,
+    both loaded on demand so only one projection's matrices are held at a time (units
+    sharing an input come one after another, so a one-entry cache serves q, k, v).
     """
     result = GroupFactors({layer: {} for layer in layers})
     for projection, members in solve_units(layers):
         input_name = INPUT_OF[projection]
         solved = solver([weight(layer, projection) for layer in members],
-                        [gram(layer, input_name) for layer in members], settings)
+                        whitening(members, input_name), settings)
         for layer, factors in zip(members, solved.factors, strict=True):
             result.factors[layer][projection] = factors
         result.solves.append({"projection": projection, "layers": list(members),

@@ -9,7 +9,14 @@ import pytest
 import torch
 from sklearn.linear_model import orthogonal_mp_gram
 
-from cospadi.stages.factorize import SolverSettings, factorize_group, factorize_layer
+from cospadi.stages.factorize import (
+    SolverSettings,
+    factorize_group,
+    factorize_layer,
+    factorize_whitened,
+    group_whitening,
+    mean_gram,
+)
 from cospadi.stages.ksvd import ksvd, update_atoms
 from cospadi.stages.omp import batch_omp
 from cospadi.stages.sizing import dictionary_shape, svd_rank
@@ -175,6 +182,31 @@ def test_cholesky_path_is_exact():
     assert math.isclose((x @ e).norm().item(), whitening.whiten(e).norm().item(), rel_tol=1e-10)
 
 
+def test_whitening_reads_one_triangle_and_leaves_the_gram_alone():
+    """The pipeline hands its only copy of a (possibly 6.6 GB) Gram to the whitening: it
+    must not be modified, and rounding asymmetry below the diagonal must not matter."""
+    x = torch.randn(300, 40, generator=generator(4), dtype=F64)
+    gram = x.T @ x
+    lopsided = gram.clone()
+    lopsided.tril_(-1).mul_(1 + 1e-9).add_(gram.triu())  # lower triangle off by 1e-9
+    before = lopsided.clone()
+    whitening = whitening_from_gram(lopsided)
+    assert torch.equal(lopsided, before)
+    reference = whitening_from_gram(gram)
+    # only the (exact) upper triangle was read, so the factors agree to rounding
+    assert torch.allclose(whitening.factor, reference.factor, rtol=1e-12, atol=1e-12)
+    assert torch.equal(whitening.factor, whitening.factor.triu())
+
+
+def test_mean_gram_copies_only_when_it_must():
+    gram = torch.randn(6, 6, generator=generator(5), dtype=F64)
+    assert mean_gram([gram]) is gram  # a lone float64 Gram: no 6.6 GB copy
+    other = torch.randn(6, 6, generator=generator(6), dtype=F64)
+    before = gram.clone()
+    assert torch.allclose(mean_gram([gram, other]), (gram + other) / 2, rtol=1e-15)
+    assert torch.equal(gram, before)
+
+
 def deficient_grams():
     x = torch.randn(10, 32, generator=generator(11), dtype=F64)  # N < d1
     yield "few tokens", x.T @ x
@@ -306,6 +338,14 @@ def test_group_slices_back_per_member():
     whole = factorize_layer(torch.cat(weights, dim=1), sum(grams) / 2, settings).factors[0]
     assert torch.allclose(torch.cat([first.dense(), second.dense()], dim=1), whole.dense(),
                           atol=1e-6)
+    # the pipeline's form: one whitening per shared input, reused by q, k and v
+    whitening = group_whitening(grams, settings)
+    for _ in range(2):
+        again = factorize_whitened(weights, whitening, settings).factors
+        for a, b in zip(again, result.factors, strict=True):
+            assert torch.equal(a.dense(), b.dense())
+    with pytest.raises(ValueError, match=r"whitening is \(16, 16\)"):
+        factorize_whitened([torch.randn(8, 4, dtype=F64)], whitening, settings)
 
 
 def test_nan_weight_is_a_clear_error():
