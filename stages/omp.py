@@ -96,6 +96,10 @@ def _omp_chunk(gram: torch.Tensor, alpha0: torch.Tensor,
     support = torch.zeros(n, sparsity, dtype=torch.long, device=device)
     gamma = torch.zeros(n, sparsity, dtype=dtype, device=device)
     direction = torch.zeros(n, k, dtype=dtype, device=device)
+    # Every per-step buffer is allocated once: fresh N x k temporaries each step cost more
+    # in page faults (glibc maps buffers this size afresh) than the arithmetic on them.
+    score = torch.empty(n, k, dtype=dtype, device=device)
+    l_buffer = torch.zeros(n, sparsity, dtype=dtype, device=device)  # l, zero beyond step j
     # q_m = G u_m for every step so far: the new Cholesky row is a gather from it
     # (l_m = q_m[i_j]) instead of a triangular product.
     projections = torch.empty(n, sparsity, k, dtype=dtype, device=device)
@@ -107,26 +111,28 @@ def _omp_chunk(gram: torch.Tensor, alpha0: torch.Tensor,
         if j + 1 > capacity:
             capacity = min(sparsity, capacity + _GROWTH)
             directions = _grow(directions, capacity)
-        score = alpha.abs().masked_fill_(selected, -1.0)
+            u_buffer = torch.empty(n, 1, capacity, dtype=dtype, device=device)
+        torch.abs(alpha, out=score).masked_fill_(selected, -1.0)
         atom = score.argmax(dim=1)
         support[:, j] = atom
         selected[rows, atom] = True
         atom_norm2 = diag[atom]
-        l_row = torch.zeros(n, capacity, dtype=dtype, device=device)
+        l_row = l_buffer[:, :capacity]
         if j:
             l_row[:, :j] = projections[:, :j].gather(2, atom.view(n, 1, 1).expand(n, j, 1))[..., 0]
-        remaining = atom_norm2 - (l_row * l_row).sum(dim=1)
-        u = torch.bmm(l_row.unsqueeze(1), directions).squeeze(1).neg_()  # -(U l)
+        remaining = atom_norm2 - torch.linalg.vector_norm(l_row[:, :j], dim=1).square()
+        u = torch.bmm(l_row.unsqueeze(1), directions, out=u_buffer)[:, 0]
+        u = u[:, :j + 1].neg_()  # -(U l), then the new atom's own entry
         u[:, j] = 1.0
         independent = remaining > dependent * atom_norm2
         l_jj = remaining.clamp_min(torch.finfo(dtype).tiny).sqrt()
-        u = torch.where(independent[:, None], u[:, :j + 1] / l_jj[:, None], 0.0)
+        u.div_(l_jj[:, None]).mul_(independent[:, None])
         directions[:, j, :j + 1] = u
-        coefficient = (u * alpha.gather(1, support[:, :j + 1])).sum(dim=1)
+        coefficient = torch.linalg.vecdot(u, alpha.gather(1, support[:, :j + 1]))
         direction.zero_().scatter_(1, support[:, :j + 1], u)
         q = torch.mm(direction, gram, out=projections[:, j])
-        alpha.sub_(coefficient[:, None] * q)
-        gamma[:, :j + 1].add_(coefficient[:, None] * u)
+        alpha.addcmul_(coefficient[:, None], q, value=-1.0)
+        gamma[:, :j + 1].addcmul_(coefficient[:, None], u)
     return support, gamma
 
 
@@ -151,14 +157,19 @@ def _gomp_chunk(gram: torch.Tensor, alpha0: torch.Tensor, sparsity: int,
     gamma = torch.zeros(n, sparsity, dtype=dtype, device=device)
     direction = torch.zeros(n, k, dtype=dtype, device=device)
     directions = torch.zeros(n, sparsity, sparsity, dtype=dtype, device=device)
+    # per-step N x k (and N x b x k) buffers allocated once, as in _omp_chunk
+    score = torch.empty(n, k, dtype=dtype, device=device)
+    update = torch.empty(n, k, dtype=dtype, device=device)
+    rows_buffer = torch.empty(n * atoms_per_step, k, dtype=dtype, device=device)
     j = 0
     while j < sparsity:
         b = min(atoms_per_step, sparsity - j)
-        score = alpha.abs().masked_fill_(selected, -1.0)
+        torch.abs(alpha, out=score).masked_fill_(selected, -1.0)
         atoms = score.topk(b, dim=1).indices  # N x b
         support[:, j:j + b] = atoms
         selected.scatter_(1, atoms, True)
-        rows_a = gram[atoms]  # N x b x k: G[A, :]
+        rows_a = torch.index_select(gram, 0, atoms.reshape(-1),
+                                    out=rows_buffer[:n * b]).view(n, b, k)  # G[A, :]
         if j:
             cross = rows_a.gather(2, support[:, None, :j].expand(n, b, j))  # G[A, I]
             l21 = torch.bmm(cross, directions[:, :j, :j].mT)  # N x b x j  (= (U^T G[I,A])^T)
@@ -178,7 +189,7 @@ def _gomp_chunk(gram: torch.Tensor, alpha0: torch.Tensor, sparsity: int,
         coefficient = torch.bmm(new_rows, alpha.gather(1, support[:, :j + b]).unsqueeze(2))
         step = (coefficient * new_rows).sum(dim=1)  # N x (j + b): sum_t c_t u_t
         direction.zero_().scatter_(1, support[:, :j + b], step)
-        alpha.sub_(direction @ gram)
+        alpha.sub_(torch.mm(direction, gram, out=update))
         gamma[:, :j + b].add_(step)
         j += b
     return support, gamma
