@@ -121,11 +121,14 @@ def make_plan(cfg: CompressConfig, skeleton: ModelSkeleton, reader: ShardReader)
     forward = cfg.micro_batch * cfg.seq_len * (6 * hidden + 3 * inter) * 4 + \
         cfg.micro_batch * heads * cfg.seq_len * cfg.seq_len * 4
     capture = block_params * act_bytes + gram_block + forward
-    widest = max(matrices, key=lambda m: m.d1 * m.d2 * m.members)
-    solve = 8 * (4 * widest.d1 * widest.d2 * widest.members + 3 * widest.d1 * widest.d1)
+    # factor task: whitening holds G, R and (on the fallback paths) one more d1 x d1;
+    # the solve holds R and ~4 float64 copies of the (stacked) weight
+    widest_input = max(m.d1 for m in matrices)
+    whiten = 3 * 8 * widest_input * widest_input
+    solve = max(whiten, max(8 * (m.d1 * m.d1 + 4 * m.d1 * m.d2 * m.members) for m in matrices))
     embed = config.vocab_size * hidden * act_bytes
     assemble = parse_size(cfg.shard_size)  # one output shard in memory
-    task = max(capture, solve + 2 * gram_block, embed + forward, assemble)
+    task = max(capture, solve, embed + forward, assemble)
     device = cfg.resolved_device()
     parallel = 1 if device.startswith("cuda") else cfg.workers
     if device.startswith("cuda"):
