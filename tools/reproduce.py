@@ -330,8 +330,9 @@ def plot(records: list[dict], dense: dict, path: Path) -> None:
             marker, label = "D", f"{label}, propagate compressed"
         elif not main_line:
             marker = "*"
+        line = "-" if main_line else ("--" if len(rows) > 1 else "")
         ax.plot([r["ratio"] for r in rows], [r["ppl"] for r in rows],
-                marker + ("-" if main_line else ""), color=color, label=label,
+                marker + line, color=color, label=label,
                 markersize=6 if main_line else 9,
                 markerfacecolor=None if main_line else "none")
     ax.axhline(dense["ppl"], color="gray", linestyle="--", label=f"dense ({dense['ppl']:.1f})")
