@@ -55,3 +55,17 @@ def test_report_compares_like_with_like(tmp_path) -> None:
     assert "| CoSpaDi per layer, 4 K-SVD it | 0.3 | 40.00 | 0.44 |" in text
     assert text.count("\n| ") == len(records) + 1  # header + one row per record
     assert (tmp_path / "smollm2.png").stat().st_size > 10_000
+
+
+def test_compute_time_counts_interrupted_attempts(tmp_path) -> None:
+    """A resumed run's last attempt may be short; its tasks' done records are not."""
+    r = record("cospadi", 0.3, 80.0)
+    r["compress_seconds"] = 120.0  # the last attempt only
+    done = tmp_path / f"{r['run']}.work" / "done"
+    done.mkdir(parents=True)
+    for i, seconds in enumerate([300.0, 250.5, 10.0]):
+        (done / f"task{i}.json").write_text(json.dumps({"task": f"t{i}", "seconds": seconds}))
+    patched = reproduce.with_task_seconds(r, tmp_path)
+    assert patched["task_seconds"] == 560.5
+    assert reproduce.compute_seconds(patched) == 560.5
+    assert reproduce.compute_seconds(reproduce.with_task_seconds(r, tmp_path / "none")) == 120.0

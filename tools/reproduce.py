@@ -151,6 +151,20 @@ def run_one(run: Run, opts: argparse.Namespace, assets: Path, runs: Path) -> dic
     return record
 
 
+def with_task_seconds(record: dict, runs: Path) -> dict:
+    """Add the compression's compute time summed over its tasks' done records: unlike the
+    wall time of the last attempt it also counts tasks finished by interrupted attempts."""
+    done = runs / f"{record['run']}.work" / "done"
+    seconds = [json.loads(p.read_text()).get("seconds", 0.0) for p in done.glob("*.json")]
+    if seconds:
+        record = {**record, "task_seconds": round(sum(seconds), 1)}
+    return record
+
+
+def compute_seconds(record: dict) -> float:
+    return max(record["compress_seconds"], record.get("task_seconds", 0.0))
+
+
 def dense_ppl(opts: argparse.Namespace, assets: Path, runs: Path) -> dict:
     path = runs / f"dense-eval{opts.eval_seq_len}x{opts.eval_windows or 'all'}.json"
     if path.is_file():
@@ -276,11 +290,13 @@ def write_report(records: list[dict], dense: dict, opts: argparse.Namespace,
         f"Torch threads {opts.torch_threads}; rho = k/s = {opts.rho:g}; seed {opts.seed}. "
         "Kept fractions are of the compressed projections (q, k, v, o, gate, up, down of "
         "every block), parameters and bytes as stored (bf16 dictionary, 14-bit coefficients, "
-        "support bit-mask); embeddings and norms are not compressed. Wall time is "
-        "`cospadi compress` alone (calibration capture, Grams, solver, assembly).",
+        "support bit-mask); embeddings and norms are not compressed. Compute time is "
+        "`cospadi compress` alone (calibration capture, Grams, solver, assembly), summed "
+        "over its tasks so that runs resumed after an interruption count every attempt's "
+        "finished work.",
         "",
         "| method | gamma | ppl | ppl / SVD-LLM | kept params | kept bytes | settings "
-        "| wall time |",
+        "| compute time |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
@@ -290,13 +306,13 @@ def write_report(records: list[dict], dense: dict, opts: argparse.Namespace,
             ", propagate compressed" if r["propagate"] == "compressed" else "")
         lines.append(f"| {label} | {r['ratio']:g} | {r['ppl']:.2f} | {rel} | "
                      f"{r['kept_params']:.4f} | {r['kept_bytes']:.4f} | {r['settings']} | "
-                     f"{fmt_seconds(r['compress_seconds'])} |")
+                     f"{fmt_seconds(compute_seconds(r))} |")
     lines += ["", "![perplexity against compression ratio](smollm2.png)", "",
               "## Targets", "", *targets(records)]
     if opts.notes:
         lines += ["", Path(opts.notes).read_text().rstrip()]
     lines += ["", f"Total compression wall time of the rows above: "
-              f"{fmt_seconds(sum(r['compress_seconds'] for r in records))}; evaluation: "
+              f"{fmt_seconds(sum(compute_seconds(r) for r in records))}; evaluation: "
               f"{fmt_seconds(sum(r['eval_seconds'] for r in records) + dense['seconds'])}."]
     results.mkdir(parents=True, exist_ok=True)
     write_text(results / "smollm2.md", "\n".join(lines) + "\n")
@@ -422,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
             record = json.loads(path.read_text())
             if "run" in record and record.get("evaluation") == evaluation:
                 records.setdefault(record["run"], record)
-    records = [r for r in records.values() if r.get("evaluation") == evaluation]
+    records = [with_task_seconds(r, runs) for r in records.values()
+               if r.get("evaluation") == evaluation]
     if not records:
         print("no finished runs to report")
         return 1
