@@ -103,31 +103,37 @@ def _omp_chunk(gram: torch.Tensor, alpha0: torch.Tensor,
     # q_m = G u_m for every step so far: the new Cholesky row is a gather from it
     # (l_m = q_m[i_j]) instead of a triangular product.
     projections = torch.empty(n, sparsity, k, dtype=dtype, device=device)
-    # Rows u_m of U^T, zero-padded to a capacity that grows in blocks, so that U l is one
-    # contiguous vector-matrix bmm (a strided slice would be copied every step).
-    capacity = 0
-    directions = torch.zeros(n, 0, 0, dtype=dtype, device=device)
+    # Rows u_m of U^T in row blocks of _BLOCK: block b holds rows [bB, bB + B) and only the
+    # columns they can fill (< (b + 1) B), contiguous, so U l is one bmm per block over
+    # the triangle's non-zeros (half the reads of a square matrix, no re-growth copies).
+    blocks: list[torch.Tensor] = []
+    u_buffer = torch.empty(n, sparsity, dtype=dtype, device=device)
     for j in range(sparsity):
-        if j + 1 > capacity:
-            capacity = min(sparsity, capacity + _GROWTH)
-            directions = _grow(directions, capacity)
-            u_buffer = torch.empty(n, 1, capacity, dtype=dtype, device=device)
+        if j % _BLOCK == 0:
+            width = min(sparsity, j + _BLOCK)
+            blocks.append(torch.zeros(n, width - j, width, dtype=dtype, device=device))
         torch.abs(alpha, out=score).masked_fill_(selected, -1.0)
         atom = score.argmax(dim=1)
         support[:, j] = atom
         selected[rows, atom] = True
         atom_norm2 = diag[atom]
-        l_row = l_buffer[:, :capacity]
+        l_row = l_buffer[:, :j]
         if j:
-            l_row[:, :j] = projections[:, :j].gather(2, atom.view(n, 1, 1).expand(n, j, 1))[..., 0]
-        remaining = atom_norm2 - torch.linalg.vector_norm(l_row[:, :j], dim=1).square()
-        u = torch.bmm(l_row.unsqueeze(1), directions, out=u_buffer)[:, 0]
-        u = u[:, :j + 1].neg_()  # -(U l), then the new atom's own entry
+            l_row[:] = projections[:, :j].gather(2, atom.view(n, 1, 1).expand(n, j, 1))[..., 0]
+        remaining = atom_norm2 - torch.linalg.vector_norm(l_row, dim=1).square()
+        u = u_buffer[:, :j + 1].zero_()
+        for index in range(j // _BLOCK + 1):  # u = -(U l), block by block
+            lo = index * _BLOCK
+            block = blocks[index]
+            used = min(block.shape[2], j + 1)
+            if lo < j:
+                part = torch.bmm(l_buffer[:, lo:lo + block.shape[1]].unsqueeze(1), block)
+                u[:, :used].sub_(part[:, 0, :used])
         u[:, j] = 1.0
         independent = remaining > dependent * atom_norm2
         l_jj = remaining.clamp_min(torch.finfo(dtype).tiny).sqrt()
         u.div_(l_jj[:, None]).mul_(independent[:, None])
-        directions[:, j, :j + 1] = u
+        blocks[-1][:, j % _BLOCK, :j + 1] = u
         coefficient = torch.linalg.vecdot(u, alpha.gather(1, support[:, :j + 1]))
         direction.zero_().scatter_(1, support[:, :j + 1], u)
         q = torch.mm(direction, gram, out=projections[:, j])
@@ -217,14 +223,7 @@ def _masked_cholesky(matrix: torch.Tensor,
     return lower, keep
 
 
-_GROWTH = 32
-
-
-def _grow(matrix: torch.Tensor, capacity: int) -> torch.Tensor:
-    grown = matrix.new_zeros(matrix.shape[0], capacity, capacity)
-    old = matrix.shape[1]
-    grown[:, :old, :old] = matrix
-    return grown
+_BLOCK = 32
 
 
 def refit_codes(gram: torch.Tensor, correlations: torch.Tensor, support: torch.Tensor,
