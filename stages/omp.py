@@ -80,6 +80,55 @@ def batch_omp(gram: torch.Tensor, correlations: torch.Tensor, sparsity: int,
     return SparseCodes(support.T.contiguous(), coefficients.T.contiguous())
 
 
+class _TriangleRows:
+    """The rows u_m of U^T (U = L^{-T}), row m non-zero in columns <= m only, stored in
+    contiguous row blocks each just as wide as its rows can be: products with U^T then
+    read the triangle's non-zeros only (half a square) as one bmm per block, and the
+    store never re-grows (a copy of everything so far) as rows are added."""
+
+    def __init__(self, n: int, sparsity: int, dtype: torch.dtype, device: torch.device,
+                 rows_per_block: int = 32):
+        self.n, self.sparsity, self.rows_per_block = n, sparsity, rows_per_block
+        self.dtype, self.device = dtype, device
+        self.blocks: list[torch.Tensor] = []  # block i: rows [i R, i R + R), width <= (i + 1) R
+
+    def _block(self, index: int) -> torch.Tensor:
+        while len(self.blocks) <= index:
+            lo = len(self.blocks) * self.rows_per_block
+            width = min(self.sparsity, lo + self.rows_per_block)
+            self.blocks.append(torch.zeros(self.n, width - lo, width, dtype=self.dtype,
+                                           device=self.device))
+        return self.blocks[index]
+
+    def write(self, start: int, rows: torch.Tensor) -> None:
+        """Rows ``start ..`` (N x b x (start + b)); earlier rows stay as they are."""
+        for offset in range(rows.shape[1]):
+            m = start + offset
+            block = self._block(m // self.rows_per_block)
+            block[:, m % self.rows_per_block, :m + 1] = rows[:, offset, :m + 1]
+
+    def left_multiply(self, coefficients: torch.Tensor, j: int, out: torch.Tensor) -> None:
+        """out (N x b x j) = sum_{m < j} coefficients[:, :, m] u_m, i.e. C @ U^T[:j, :j]."""
+        out.zero_()
+        for index in range((j + self.rows_per_block - 1) // self.rows_per_block):
+            lo = index * self.rows_per_block
+            block = self.blocks[index]
+            rows = min(block.shape[1], j - lo)
+            used = min(block.shape[2], j)
+            out[..., :used] += torch.bmm(coefficients[..., lo:lo + rows],
+                                         block[:, :rows, :used])
+
+    def right_multiply(self, vectors: torch.Tensor, j: int, out: torch.Tensor) -> None:
+        """out (N x b x j) = vectors (N x b x j) @ U^T[:j, :j]^T: out[..., m] = vectors . u_m."""
+        for index in range((j + self.rows_per_block - 1) // self.rows_per_block):
+            lo = index * self.rows_per_block
+            block = self.blocks[index]
+            rows = min(block.shape[1], j - lo)
+            used = min(block.shape[2], j)
+            out[..., lo:lo + rows] = torch.bmm(vectors[..., :used],
+                                               block[:, :rows, :used].mT)
+
+
 def _omp_chunk(gram: torch.Tensor, alpha0: torch.Tensor,
                sparsity: int) -> tuple[torch.Tensor, torch.Tensor]:
     """OMP for the N columns of one chunk; ``alpha0`` is N x k. Returns N x s support/values
@@ -103,15 +152,9 @@ def _omp_chunk(gram: torch.Tensor, alpha0: torch.Tensor,
     # q_m = G u_m for every step so far: the new Cholesky row is a gather from it
     # (l_m = q_m[i_j]) instead of a triangular product.
     projections = torch.empty(n, sparsity, k, dtype=dtype, device=device)
-    # Rows u_m of U^T in row blocks of _BLOCK: block b holds rows [bB, bB + B) and only the
-    # columns they can fill (< (b + 1) B), contiguous, so U l is one bmm per block over
-    # the triangle's non-zeros (half the reads of a square matrix, no re-growth copies).
-    blocks: list[torch.Tensor] = []
-    u_buffer = torch.empty(n, sparsity, dtype=dtype, device=device)
+    triangle = _TriangleRows(n, sparsity, dtype, device)
+    u_buffer = torch.empty(n, 1, sparsity, dtype=dtype, device=device)
     for j in range(sparsity):
-        if j % _BLOCK == 0:
-            width = min(sparsity, j + _BLOCK)
-            blocks.append(torch.zeros(n, width - j, width, dtype=dtype, device=device))
         torch.abs(alpha, out=score).masked_fill_(selected, -1.0)
         atom = score.argmax(dim=1)
         support[:, j] = atom
@@ -121,19 +164,14 @@ def _omp_chunk(gram: torch.Tensor, alpha0: torch.Tensor,
         if j:
             l_row[:] = projections[:, :j].gather(2, atom.view(n, 1, 1).expand(n, j, 1))[..., 0]
         remaining = atom_norm2 - torch.linalg.vector_norm(l_row, dim=1).square()
-        u = u_buffer[:, :j + 1].zero_()
-        for index in range(j // _BLOCK + 1):  # u = -(U l), block by block
-            lo = index * _BLOCK
-            block = blocks[index]
-            used = min(block.shape[2], j + 1)
-            if lo < j:
-                part = torch.bmm(l_buffer[:, lo:lo + block.shape[1]].unsqueeze(1), block)
-                u[:, :used].sub_(part[:, 0, :used])
+        u = u_buffer[:, :, :j + 1]
+        triangle.left_multiply(l_buffer[:, None, :j], j, u[..., :j])  # U l
+        u = u[:, 0].neg_()
         u[:, j] = 1.0
         independent = remaining > dependent * atom_norm2
         l_jj = remaining.clamp_min(torch.finfo(dtype).tiny).sqrt()
         u.div_(l_jj[:, None]).mul_(independent[:, None])
-        blocks[-1][:, j % _BLOCK, :j + 1] = u
+        triangle.write(j, u[:, None])
         coefficient = torch.linalg.vecdot(u, alpha.gather(1, support[:, :j + 1]))
         direction.zero_().scatter_(1, support[:, :j + 1], u)
         q = torch.mm(direction, gram, out=projections[:, j])
@@ -162,7 +200,8 @@ def _gomp_chunk(gram: torch.Tensor, alpha0: torch.Tensor, sparsity: int,
     support = torch.zeros(n, sparsity, dtype=torch.long, device=device)
     gamma = torch.zeros(n, sparsity, dtype=dtype, device=device)
     direction = torch.zeros(n, k, dtype=dtype, device=device)
-    directions = torch.zeros(n, sparsity, sparsity, dtype=dtype, device=device)
+    triangle = _TriangleRows(n, sparsity, dtype, device)
+    product = torch.empty(n, atoms_per_step, sparsity, dtype=dtype, device=device)
     # per-step N x k (and N x b x k) buffers allocated once, as in _omp_chunk
     score = torch.empty(n, k, dtype=dtype, device=device)
     update = torch.empty(n, k, dtype=dtype, device=device)
@@ -178,7 +217,8 @@ def _gomp_chunk(gram: torch.Tensor, alpha0: torch.Tensor, sparsity: int,
                                     out=rows_buffer[:n * b]).view(n, b, k)  # G[A, :]
         if j:
             cross = rows_a.gather(2, support[:, None, :j].expand(n, b, j))  # G[A, I]
-            l21 = torch.bmm(cross, directions[:, :j, :j].mT)  # N x b x j  (= (U^T G[I,A])^T)
+            l21 = product[:, :b, :j]  # (U^T G[I, A])^T
+            triangle.right_multiply(cross, j, l21)
         else:
             l21 = torch.zeros(n, b, 0, dtype=dtype, device=device)
         schur = rows_a.gather(2, atoms[:, None, :].expand(n, b, b)) - l21 @ l21.mT
@@ -189,9 +229,10 @@ def _gomp_chunk(gram: torch.Tensor, alpha0: torch.Tensor, sparsity: int,
         inv_l22 = inv_l22 * keep[..., None]  # dropped (dependent) atoms: zero direction
         new_rows = torch.zeros(n, b, j + b, dtype=dtype, device=device)
         if j:
-            new_rows[..., :j] = -torch.bmm(inv_l22 @ l21, directions[:, :j, :j])
+            triangle.left_multiply(inv_l22 @ l21, j, new_rows[..., :j])
+            new_rows[..., :j].neg_()
         new_rows[..., j:] = inv_l22
-        directions[:, j:j + b, :j + b] = new_rows
+        triangle.write(j, new_rows)
         coefficient = torch.bmm(new_rows, alpha.gather(1, support[:, :j + b]).unsqueeze(2))
         step = (coefficient * new_rows).sum(dim=1)  # N x (j + b): sum_t c_t u_t
         direction.zero_().scatter_(1, support[:, :j + b], step)
@@ -221,9 +262,6 @@ def _masked_cholesky(matrix: torch.Tensor,
                                                       lower[:, t, :t, None]).squeeze(2)
             lower[:, t + 1:, t] = torch.where(ok[:, None], below / root[:, None], 0.0)
     return lower, keep
-
-
-_BLOCK = 32
 
 
 def refit_codes(gram: torch.Tensor, correlations: torch.Tensor, support: torch.Tensor,
