@@ -311,7 +311,7 @@ def write_report(records: list[dict], dense: dict, opts: argparse.Namespace,
               "## Targets", "", *targets(records)]
     if opts.notes:
         lines += ["", Path(opts.notes).read_text().rstrip()]
-    lines += ["", f"Total compression wall time of the rows above: "
+    lines += ["", f"Total compression compute time of the rows above: "
               f"{fmt_seconds(sum(compute_seconds(r) for r in records))}; evaluation: "
               f"{fmt_seconds(sum(r['eval_seconds'] for r in records) + dense['seconds'])}."]
     results.mkdir(parents=True, exist_ok=True)
@@ -342,6 +342,8 @@ def plot(records: list[dict], dense: dict, path: Path) -> None:
         marker, color = styles[method]
         label = METHODS[method][0] + _variant(rows[0], base)
         main_line = propagate == "original" and (method == "svd-llm" or solver == base)
+        if method != "svd-llm" and solver == base:
+            label += f", {base[0]} K-SVD it"
         if propagate == "compressed":
             marker, label = "D", f"{label}, propagate compressed"
         elif not main_line:
