@@ -90,7 +90,6 @@ def factorize_group(weights: list[torch.Tensor], grams: list[torch.Tensor],
     """Compress the matrices of one group against the mean of their Grams."""
     if len(weights) != len(grams):
         raise ValueError(f"{len(weights)} weights but {len(grams)} Grams")
-    check_weights(weights)
     return factorize_whitened(weights, group_whitening(grams, settings), settings)
 
 
