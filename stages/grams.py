@@ -4,13 +4,6 @@ from __future__ import annotations
 
 import torch
 
-
-def gram_of(inputs: torch.Tensor) -> torch.Tensor:
-    """X^T X of the tokens in ``inputs`` (... x d), accumulated in float64."""
-    x = inputs.reshape(-1, inputs.shape[-1]).to(torch.float64)
-    return x.T @ x
-
-
 # float64 copy of the tokens made at once: a micro-batch's down_proj input in float64 would
 # otherwise be the largest temporary of the capture stage (2048 tokens x 2816 = 44 MiB).
 CHUNK_BYTES = 16 << 20

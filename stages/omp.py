@@ -107,24 +107,23 @@ class _TriangleRows:
             block = self._block(m // self.rows_per_block)
             block[:, m % self.rows_per_block, :m + 1] = rows[:, offset, :m + 1]
 
-    def left_multiply(self, coefficients: torch.Tensor, j: int, out: torch.Tensor) -> None:
-        """out (N x b x j) = sum_{m < j} coefficients[:, :, m] u_m, i.e. C @ U^T[:j, :j]."""
-        out.zero_()
+    def _spans(self, j: int):
+        """(first row, block, rows, columns) of each block's part of U^T[:j, :j]."""
         for index in range((j + self.rows_per_block - 1) // self.rows_per_block):
             lo = index * self.rows_per_block
             block = self.blocks[index]
-            rows = min(block.shape[1], j - lo)
-            used = min(block.shape[2], j)
+            yield lo, block, min(block.shape[1], j - lo), min(block.shape[2], j)
+
+    def left_multiply(self, coefficients: torch.Tensor, j: int, out: torch.Tensor) -> None:
+        """out (N x b x j) = sum_{m < j} coefficients[:, :, m] u_m, i.e. C @ U^T[:j, :j]."""
+        out.zero_()
+        for lo, block, rows, used in self._spans(j):
             out[..., :used] += torch.bmm(coefficients[..., lo:lo + rows],
                                          block[:, :rows, :used])
 
     def right_multiply(self, vectors: torch.Tensor, j: int, out: torch.Tensor) -> None:
         """out (N x b x j) = vectors (N x b x j) @ U^T[:j, :j]^T: out[..., m] = vectors . u_m."""
-        for index in range((j + self.rows_per_block - 1) // self.rows_per_block):
-            lo = index * self.rows_per_block
-            block = self.blocks[index]
-            rows = min(block.shape[1], j - lo)
-            used = min(block.shape[2], j)
+        for lo, block, rows, used in self._spans(j):
             out[..., lo:lo + rows] = torch.bmm(vectors[..., :used],
                                                block[:, :rows, :used].mT)
 
