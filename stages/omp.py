@@ -171,8 +171,11 @@ def _omp_chunk(gram: torch.Tensor, alpha0: torch.Tensor,
         l_jj = remaining.clamp_min(torch.finfo(dtype).tiny).sqrt()
         u.div_(l_jj[:, None]).mul_(independent[:, None])
         triangle.write(j, u[:, None])
-        coefficient = torch.linalg.vecdot(u, alpha.gather(1, support[:, :j + 1]))
-        direction.zero_().scatter_(1, support[:, :j + 1], u)
+        # The residual is orthogonal to the atoms already chosen (alpha[I] = 0), so
+        # u . alpha[I] is its last term alone.
+        coefficient = alpha.gather(1, atom[:, None])[:, 0].mul_(u[:, j])
+        # Earlier steps wrote only inside this step's support: no need to clear the rest.
+        direction.scatter_(1, support[:, :j + 1], u)
         q = torch.mm(direction, gram, out=projections[:, j])
         alpha.addcmul_(coefficient[:, None], q, value=-1.0)
         gamma[:, :j + 1].addcmul_(coefficient[:, None], u)

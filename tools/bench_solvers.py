@@ -8,7 +8,12 @@ For each matrix shape (SmolLM2-135M and Llama-3-8B projections) at the given rat
   useful FLOPs (counted as the issue specifies: ``k s^2 / 2 + s^3 / 3`` per column for
   Batch-OMP, ``2 (2p + 1) d1 s d2`` for the atom sweep) against this machine's own dense
   matmul rate in the same dtype, measured in the same run;
-- peak memory of one K-SVD iteration against the size of the matrix.
+- peak memory of one K-SVD iteration against the size of the matrix;
+- gOMP (b atoms per step) on the same problem: its speed against sklearn and its coding
+  error over exact OMP's (what the speed costs);
+- the ceiling of this design: the matmul fraction one iteration would reach if everything
+  but the dense correlation update of OMP (2 k^2 s FLOPs per column, b x fewer for gOMP)
+  and the atom sweep's matrix-vector products ran free, at the rates measured here.
 
 Large shapes code a subset of the columns (``--max-columns``; the dictionary keeps its full
 k atoms) and sklearn runs on fewer still (``--sklearn-columns``); per-column times are
@@ -70,6 +75,18 @@ def test_matrix(d1: int, d2: int, seed: int, dtype: torch.dtype, device: torch.d
     return ((left * scales) @ torch.randn(d1, d2, generator=gen) / d1**0.5).to(device, dtype)
 
 
+def _release_freed_memory() -> None:
+    """Hand memory freed by earlier phases back to the OS (glibc keeps it resident), so the
+    peak above the entry level counts this phase's memory, not what it reuses."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 class PeakRSS:
     """Peak resident memory above the level at entry, sampled every 2 ms by a thread
     (ru_maxrss is a lifetime maximum, useless after a larger earlier step)."""
@@ -79,6 +96,7 @@ class PeakRSS:
 
         import psutil
 
+        _release_freed_memory()
         self._process = psutil.Process()
         self.base = self.peak = self._process.memory_info().rss
         self._stop = threading.Event()
@@ -117,10 +135,39 @@ def bench_shape(d1: int, d2: int, args, device: torch.device, rate: float) -> di
     t0 = time.perf_counter()
     reference = orthogonal_mp_gram(gram64, corr64, n_nonzero_coefs=s)
     sklearn_per_column = (time.perf_counter() - t0) / sk_cols
+    omp_flops = columns * (k * s * s / 2 + s**3 / 3)
+    update_flops = 2 * (2 * args.power_iters + 1) * d1 * s * columns
     ours = timed(lambda: batch_omp(gram, corr, s), device)
     ours64 = timed(lambda: batch_omp(gram.double(), corr.double(), s), device)
     check = batch_omp(gram.double(), corr[:, :sk_cols].double(), s).dense(k).cpu().numpy()
     omp_agrees = bool(np.allclose(check, reference, atol=1e-6 * max(1, np.abs(reference).max())))
+
+    # --- gOMP on the same problem: its speed, and what it costs in coding error -----------
+    b = args.gomp_atoms_per_step
+    ours_gomp = timed(lambda: batch_omp(gram, corr, s, atoms_per_step=b), device)
+    matrix_norm = matrix.norm()
+
+    def coding_error(atoms_per_step: int) -> float:
+        codes = batch_omp(gram, corr, s, atoms_per_step=atoms_per_step).dense(k)
+        return float((matrix - dictionary @ codes).norm() / matrix_norm)
+
+    exact_error, gomp_error = coding_error(1), coding_error(b)
+
+    # --- ceilings of this design on this machine -----------------------------------------
+    # The exact OMP's correlation update is one dense N x k @ k x k matmul per step
+    # (2 k^2 s FLOPs per column, b x fewer with gOMP); the atom sweep is sequential
+    # rank-1 updates, i.e. matrix-vector products on an atom's users x d1 residual. Even
+    # with everything else free, an iteration cannot beat these two rates.
+    users = max(1, round(columns * s / k))
+    restricted = torch.randn(users, d1, device=device, dtype=dtype)
+    vector = torch.randn(d1, device=device, dtype=dtype)
+    matvec_seconds = timed(lambda: restricted.T @ (restricted @ vector), device, repeats=50)
+    matvec_rate = 4 * users * d1 / matvec_seconds
+
+    def ceiling(atoms_per_step: int) -> float:
+        dense_flops = columns * 2 * k * k * s / atoms_per_step
+        best_seconds = dense_flops / rate + update_flops / matvec_rate
+        return (omp_flops + update_flops) / best_seconds / rate
 
     # --- one K-SVD iteration -------------------------------------------------------------
     if device.type == "cuda":
@@ -142,8 +189,6 @@ def bench_shape(d1: int, d2: int, args, device: torch.device, rate: float) -> di
     else:
         peak = rss.above_base
 
-    omp_flops = columns * (k * s * s / 2 + s**3 / 3)
-    update_flops = 2 * (2 * args.power_iters + 1) * d1 * s * columns
     iteration = omp_seconds + update_seconds
     return {
         "shape": [d1, d2],
@@ -160,6 +205,15 @@ def bench_shape(d1: int, d2: int, args, device: torch.device, rate: float) -> di
         "omp_speedup_vs_sklearn": sklearn_per_column / (ours / columns),
         "omp_float64_speedup_vs_sklearn": sklearn_per_column / (ours64 / columns),
         "omp_matches_sklearn": omp_agrees,
+        "gomp_atoms_per_step": b,
+        "gomp_speedup_vs_sklearn": sklearn_per_column / (ours_gomp / columns),
+        "omp_coding_error": exact_error,
+        "gomp_coding_error": gomp_error,
+        "matvec_gflop_rate": matvec_rate / 1e9,
+        "ceiling_fraction_exact": ceiling(1),
+        "ceiling_fraction_gomp": ceiling(b),
+        "ceiling_omp_speedup_vs_sklearn": sklearn_per_column * columns * rate
+        / (columns * 2 * k * k * s),
         "ksvd_iter_seconds": iteration,
         "ksvd_iter_seconds_all_columns": iteration * d2 / columns,
         "omp_share": omp_seconds / iteration,
@@ -188,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sklearn-columns", type=int, default=None)
     parser.add_argument("--atoms-per-step", type=int, default=1,
                         help="OMP atoms per step in the K-SVD iteration (1 = exact OMP)")
+    parser.add_argument("--gomp-atoms-per-step", type=int, default=8,
+                        help="b of the gOMP run compared with sklearn and exact OMP")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch and for sklearn's BLAS (default: all)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead")
@@ -221,17 +277,24 @@ def print_row(row: dict, header: bool, stream=sys.stdout) -> None:
     print = functools.partial(builtins.print, file=stream)  # noqa: A001
     if header:
         print(f"device {row['device']} ({row['threads']} threads), dtype {row['dtype']}, "
-              f"dense matmul {row['matmul_gflop_rate']:.0f} GFLOP/s")
+              f"dense matmul {row['matmul_gflop_rate']:.0f} GFLOP/s; gOMP b = "
+              f"{row['gomp_atoms_per_step']}, 'gOMP err' = its coding error over exact "
+              f"OMP's; 'ceil' = best frac this design allows (dense OMP step and sweep "
+              f"matvecs at their measured rates, all else free)")
         print(f"{'shape':>12} {'cols':>6} {'k':>5} {'s':>5} {'omp x sk':>9} {'f64 x sk':>9} "
               f"{'iter s':>8} {'iter s(all)':>11} {'omp %':>6} {'frac':>6} {'omp fr':>7} "
-              f"{'upd fr':>7} {'peak/W':>7}")
+              f"{'upd fr':>7} {'peak/W':>7} {'gOMP x sk':>9} {'gOMP err':>9} {'ceil ex':>7} "
+              f"{'ceil g':>6}")
     shape = f"{row['shape'][0]}x{row['shape'][1]}"
     print(f"{shape:>12} {row['columns_used']:>6} {row['k']:>5} {row['s']:>5} "
           f"{row['omp_speedup_vs_sklearn']:>9.1f} {row['omp_float64_speedup_vs_sklearn']:>9.1f} "
           f"{row['ksvd_iter_seconds']:>8.3f} {row['ksvd_iter_seconds_all_columns']:>11.2f} "
           f"{100 * row['omp_share']:>6.1f} {row['matmul_fraction']:>6.3f} "
           f"{row['omp_matmul_fraction']:>7.3f} {row['update_matmul_fraction']:>7.3f} "
-          f"{row['peak_over_matrix']:>7.1f}", flush=True)
+          f"{row['peak_over_matrix']:>7.1f} {row['gomp_speedup_vs_sklearn']:>9.1f} "
+          f"{row['gomp_coding_error'] / max(row['omp_coding_error'], 1e-30):>9.3f} "
+          f"{row['ceiling_fraction_exact']:>7.3f} {row['ceiling_fraction_gomp']:>6.3f}",
+          flush=True)
 
 if __name__ == "__main__":
     raise SystemExit(main())
