@@ -196,6 +196,7 @@ def _gomp_chunk(gram: torch.Tensor, alpha0: torch.Tensor, sparsity: int,
     n, k = alpha0.shape
     dtype, device = alpha0.dtype, alpha0.device
     dependent = 100 * torch.finfo(dtype).eps
+    gram = gram.contiguous()  # _gram_entries reads it flat
     diag = gram.diagonal()
     alpha = alpha0.clone()
     selected = torch.zeros(n, k, dtype=torch.bool, device=device)
@@ -250,7 +251,7 @@ def _gram_entries(gram: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor)
     faster on CPU than broadcast advanced indexing, and nothing N x a x k in between."""
     n, a = rows.shape
     flat = (rows[:, :, None] * gram.shape[1] + columns[:, None, :]).reshape(-1)
-    return gram.reshape(-1).index_select(0, flat).view(n, a, columns.shape[1])
+    return gram.view(-1).index_select(0, flat).view(n, a, columns.shape[1])
 
 
 def _masked_cholesky(matrix: torch.Tensor,
