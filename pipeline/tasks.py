@@ -269,17 +269,16 @@ def run_factor(job: Job, group_index: int, *_deps: object) -> str:
         key = f"{module_path(skeleton.base_prefix, layer, projection)}.weight"
         return reader.load([key], dtype=torch.float32)[key].T
 
+    def per_token_grams(members: tuple[int, ...], input_name: str):
+        for layer in members:  # loaded one at a time: the mean holds at most two
+            grams, tokens = read_grams(work.grams(layer), [input_name])
+            yield grams.pop(input_name).div_(tokens)
+
     def whitening(members: tuple[int, ...], input_name: str):
         if (members, input_name) not in held:
             held.clear()  # drop the previous input's whitening before building the next
-            total = None  # mean over members of each member's per-token Gram
-            for layer in members:
-                grams, tokens = read_grams(work.grams(layer), [input_name])
-                gram = grams.pop(input_name).div_(tokens)
-                total = gram if total is None else total.add_(gram)
-                del gram
             held[(members, input_name)] = _group_whitening()(
-                [total.div_(len(members))], settings)
+                per_token_grams(members, input_name), settings, owned=True)
         return held[(members, input_name)]
 
     with device_gate(job.device):

@@ -8,6 +8,7 @@ once, and the result is sliced back per member (METHOD.md, per-group variant).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -53,20 +54,26 @@ class GroupResult:
     stats: dict = field(default_factory=dict)
 
 
-def mean_gram(grams: list[torch.Tensor]) -> torch.Tensor:
-    """The members' mean Gram in float64; a lone float64 Gram is returned as is (no copy:
-    for a 70B down_proj each copy is 6.6 GB)."""
-    if not grams:
-        raise ValueError("a group needs at least one Gram matrix")
+def mean_gram(grams: Iterable[torch.Tensor], owned: bool = False) -> torch.Tensor:
+    """The members' mean Gram in float64, summed one Gram at a time, so a generator that
+    loads each from disk holds at most two d x d matrices; a lone float64 Gram is returned
+    as is (for a 70B down_proj each copy is 6.6 GB). Inputs are not modified unless
+    ``owned`` (fresh float64 Grams the caller discards): then the sum goes into the first."""
+    total, count = None, 0
     for gram in grams:
-        if gram.shape != grams[0].shape:
-            raise ValueError(f"Gram shapes differ within a group: {gram.shape} vs {grams[0].shape}")
-    if len(grams) == 1:
-        return grams[0].to(torch.float64)
-    total = grams[0].to(torch.float64, copy=True)
-    for gram in grams[1:]:
-        total += gram
-    return total.div_(len(grams))
+        if total is None:
+            total = gram
+        elif gram.shape != total.shape:
+            raise ValueError(f"Gram shapes differ within a group: {tuple(gram.shape)} vs "
+                             f"{tuple(total.shape)}")
+        else:
+            if count == 1:  # a second member: from here on total must be writable
+                total = total.to(torch.float64, copy=not owned)
+            total += gram
+        count += 1
+    if total is None:
+        raise ValueError("a group needs at least one Gram matrix")
+    return total.to(torch.float64) if count == 1 else total.div_(count)
 
 
 def check_weights(weights: list[torch.Tensor]) -> None:
@@ -80,9 +87,11 @@ def check_weights(weights: list[torch.Tensor]) -> None:
             raise ValueError("weight matrix holds NaN or Inf values")
 
 
-def group_whitening(grams: list[torch.Tensor], settings: SolverSettings) -> Whitening:
-    """Whitening of a group's shared input: from the mean of the members' Grams."""
-    return whitening_from_gram(mean_gram(grams).to(torch.device(settings.device)))
+def group_whitening(grams: Iterable[torch.Tensor], settings: SolverSettings,
+                    owned: bool = False) -> Whitening:
+    """Whitening of a group's shared input: from the mean of the members' Grams
+    (``owned``: see mean_gram)."""
+    return whitening_from_gram(mean_gram(grams, owned).to(torch.device(settings.device)))
 
 
 def factorize_group(weights: list[torch.Tensor], grams: list[torch.Tensor],

@@ -205,6 +205,16 @@ def test_mean_gram_copies_only_when_it_must():
     before = gram.clone()
     assert torch.allclose(mean_gram([gram, other]), (gram + other) / 2, rtol=1e-15)
     assert torch.equal(gram, before)
+    # Grams loaded one at a time (a generator) give the same mean; the pipeline's fresh
+    # Grams are "owned", so the sum goes into the first one instead of a copy.
+    expected = (gram + other) / 2
+    lazy = mean_gram(g.clone() for g in (gram, other))
+    assert torch.allclose(lazy, expected, rtol=1e-15)
+    fresh = [gram.clone(), other.clone()]
+    owned = mean_gram(iter(fresh), owned=True)
+    assert owned is fresh[0] and torch.allclose(owned, expected, rtol=1e-15)
+    with pytest.raises(ValueError, match="at least one Gram"):
+        mean_gram(iter([]))
 
 
 def deficient_grams():
