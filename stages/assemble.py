@@ -335,6 +335,8 @@ def inspect_model(model_dir: str | os.PathLike) -> dict:
         modules[name] = dict(kind=spec["kind"], **shape,
                              shared_dictionary="dictionary_from" in spec,
                              **_figures(params, nbytes, spec["d1"] * spec["d2"]))
+        if "diagnostics" in spec:  # the solver's achieved and SVD-LLM's whitened errors
+            modules[name]["diagnostics"] = spec["diagnostics"]
     layers: dict[str, dict] = {}
     compressed: dict = {}
     for name, figures in modules.items():
