@@ -30,7 +30,7 @@ COMPRESS_FLAGS: dict[str, tuple[Any, str]] = {
     "--ratio": (float, "compression ratio: fraction of projection parameters removed"),
     "--rho": (float, "atoms per non-zero (k / s)"),
     "--solver": (str, "closed (default: closed-form, fast) | ksvd (the paper's K-SVD)"),
-    "--iters": (int, "solver iterations (default: 20 closed, 60 ksvd)"),
+    "--iters": (int, "solver iterations (default: 15 closed, 60 ksvd)"),
     "--refine-iters": (int, "closed: least-squares rounds on the fixed support"),
     "--power-iters": (int, "ksvd: power iterations per atom update"),
     "--omp-atoms-per-step": (int, "ksvd: 1 exact OMP; b > 1 gOMP, b atoms per step (faster)"),

@@ -30,8 +30,8 @@ class CompressConfig:
     ratio: float = 0.3  # compression ratio gamma: fraction of parameters removed
     rho: float = 2.0  # atoms per non-zero, k / s
     solver: str = "closed"  # dictionary solver: closed (default, fast) | ksvd (the paper's)
-    iters: int | None = None  # solver iterations (None: 20 for closed, 60 for ksvd)
-    refine_iters: int = 4  # closed: least-squares rounds on the fixed support
+    iters: int | None = None  # solver iterations (None: 15 for closed, 60 for ksvd)
+    refine_iters: int = 3  # closed: least-squares rounds on the fixed support
     power_iters: int = 8  # ksvd: power iterations per atom update
     omp_atoms_per_step: int = 1  # ksvd: 1 exact OMP; b > 1 gOMP (about b x faster, worse codes)
     omp_memory: str | None = None  # ksvd: OMP working memory, e.g. 4GB (None: from free memory)

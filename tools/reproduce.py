@@ -62,12 +62,15 @@ class Run:
     rho: float
     seed: int
     omp_atoms: int = 1  # 1: exact OMP (the paper's); b > 1: gOMP, b atoms per step
+    solver: str = "ksvd"  # ksvd (names of earlier records unchanged) | closed
 
     @property
     def name(self) -> str:
         it = ""
         if METHODS[self.method][1] == "cospadi":
             it = f"-it{self.iters}" + (f"-gomp{self.omp_atoms}" if self.omp_atoms > 1 else "")
+            if self.solver == "closed":
+                it = f"-closed-it{self.iters}"
         return (f"{self.method}-r{self.ratio:g}-{self.propagate}{it}"
                 f"-c{self.calib_samples}x{self.seq_len}-rho{self.rho:g}-s{self.seed}")
 
@@ -77,12 +80,14 @@ class Run:
                 "--propagate", self.propagate, "--iters", str(self.iters),
                 "--calib-samples", str(self.calib_samples), "--seq-len", str(self.seq_len),
                 "--rho", str(self.rho), "--seed", str(self.seed),
-                "--omp-atoms-per-step", str(self.omp_atoms)]
+                "--omp-atoms-per-step", str(self.omp_atoms), "--solver", self.solver]
 
     def settings(self) -> str:
         omp = "exact OMP" if self.omp_atoms == 1 else f"gOMP {self.omp_atoms} atoms/step"
         solver = (f"K-SVD {self.iters} it, {omp}, rho {self.rho:g}"
                   if METHODS[self.method][1] == "cospadi" else "SVD")
+        if self.solver == "closed" and METHODS[self.method][1] == "cospadi":
+            solver = f"closed-form solver {self.iters} it, rho {self.rho:g}"
         return (f"{solver}; calib {self.calib_samples}x{self.seq_len}; "
                 f"propagate {self.propagate}")
 
@@ -180,7 +185,8 @@ def dense_ppl(opts: argparse.Namespace, assets: Path, runs: Path) -> dict:
 
 def planned_runs(opts: argparse.Namespace) -> list[Run]:
     common = dict(iters=opts.iters, calib_samples=opts.calib_samples, seq_len=opts.seq_len,
-                  rho=opts.rho, seed=opts.seed, omp_atoms=opts.omp_atoms_per_step)
+                  rho=opts.rho, seed=opts.seed, omp_atoms=opts.omp_atoms_per_step,
+                  solver=opts.solver)
     runs = [Run(method, ratio, "original", **common)
             for ratio in opts.ratios for method in opts.methods]
     if opts.propagation_ratio is not None and "cospadi" in opts.methods:
@@ -200,8 +206,18 @@ def _calib(r: dict) -> tuple[int, int]:
 
 
 def _solver(r: dict) -> tuple[int, int]:
-    """K-SVD iterations and OMP atoms per step ((0, 0) for SVD-LLM)."""
-    return (r["iters"], r.get("omp_atoms", 1)) if r["method"] != "svd-llm" else (0, 0)
+    """Solver iterations and OMP atoms per step ((0, 0) for SVD-LLM; atoms 0: the closed-form
+    solver, which has no OMP)."""
+    if r["method"] == "svd-llm":
+        return (0, 0)
+    return (r["iters"], 0 if r.get("solver") == "closed" else r.get("omp_atoms", 1))
+
+
+def _solver_text(it: int, b: int) -> str:
+    if b == 0:
+        return f"closed-form solver, {it} iterations"
+    return (f"{it} K-SVD iteration{'s' if it > 1 else ''} "
+            f"({'exact OMP' if b == 1 else f'gOMP, {b} atoms per step'})")
 
 
 def _base_solver(records: list[dict]) -> tuple[int, int]:
@@ -215,6 +231,8 @@ def _variant(r: dict, base: tuple[int, int]) -> str:
     if r["method"] == "svd-llm" or _solver(r) == base:
         return ""
     it, b = _solver(r)
+    if b == 0:
+        return ", closed-form solver"
     return f", {it} K-SVD it" + ("" if b == base[1] else f", OMP {b} atoms/step")
 
 
@@ -278,10 +296,7 @@ def write_report(records: list[dict], dense: dict, opts: argparse.Namespace,
         f"{evaluation}, float32 on CPU). Dense perplexity: **{dense['ppl']:.2f}**.",
         "",
         "Settings: calibration " + ", ".join(f"{n} x {t} tokens" for n, t in calibs)
-        + "; CoSpaDi " + ", ".join(
-            f"{it} K-SVD iteration{'s' if it > 1 else ''} "
-            f"({'exact OMP' if b == 1 else f'gOMP, {b} atoms per step'})"
-            for it, b, _, _ in used)
+        + "; CoSpaDi " + ", ".join(_solver_text(it, b) for it, b, _, _ in used)
         + (" (the paper's)." if used == [paper] else
            f" (the paper's are {paper[0]} iterations with exact OMP and {paper[2]} x "
            f"{paper[3]} tokens; these runs used less to fit a 2-core CPU budget).")
@@ -398,6 +413,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--omp-atoms-per-step", type=int, default=1,
                     help="1: exact OMP (the paper's); b > 1: gOMP with b atoms per step, "
                          "about b x faster sparse coding, somewhat worse codes")
+    ap.add_argument("--solver", default="ksvd", choices=["ksvd", "closed"],
+                    help="CoSpaDi's dictionary solver (closed: the fast closed-form one)")
     ap.add_argument("--rho", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--eval-seq-len", type=int, default=512)
