@@ -123,8 +123,20 @@ def preflight(cfg: CompressConfig) -> tuple[Path, ModelSkeleton, ShardReader]:
 
 
 def dry_run(cfg: CompressConfig) -> str:
+    from .timing import measure_rates, stage_seconds
+
     _, skeleton, reader = preflight(cfg)
-    return format_plan(cfg, make_plan(cfg, skeleton, reader))
+    plan = make_plan(cfg, skeleton, reader)
+    device = cfg.resolved_device()
+    if cfg.torch_threads:  # measured as the tasks will run
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
+    # the disk rate is measured where the output goes (its folder's parent exists or is made)
+    rates = measure_rates(device, cfg.resolved_dtype(), cfg.work_path.parent)
+    seconds = stage_seconds(plan, cfg, plan.hidden, plan.input_dims, rates,
+                            plan.disk["output"])
+    return format_plan(cfg, plan, seconds)
 
 
 def compress(cfg: CompressConfig, restart: bool = False, progress: bool = True
