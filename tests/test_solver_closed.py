@@ -193,3 +193,19 @@ def test_pipeline_bytes_match_the_plan_and_inspect_shows_errors(tmp_path, capsys
             assert figures["error"] < figures["svd_llm_error"], name
     assert main(["inspect", str(out)]) == 0
     assert "SVD-LLM" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    """Same code on CUDA: the same errors as on the CPU (float64 throughout here, so only
+    summation order differs: 1e-6 relative bounds it)."""
+    matrix = spectrum_matrix(64, 160, seed=11)
+    shape = dictionary_shape(64, 160, 0.3, 2.0)
+    cpu = solve_closed(matrix, shape.k, shape.s)
+    gpu = solve_closed(matrix.cuda(), shape.k, shape.s)
+    assert gpu.dictionary.is_cuda
+    assert gpu.stats["error"] == pytest.approx(cpu.stats["error"], rel=1e-6)
+    wide = torch.randn(16, 400, generator=generator(12), dtype=F64)
+    wide_shape = dictionary_shape(16, 400, 0.2, 2.0)
+    assert solve_closed(wide.cuda(), wide_shape.k, wide_shape.s).stats["error"] == \
+        pytest.approx(solve_closed(wide, wide_shape.k, wide_shape.s).stats["error"], rel=1e-6)
