@@ -88,11 +88,18 @@ def differences(old: dict, new: dict) -> list[str]:
     if changed:
         out.append(f"model files differ ({', '.join(changed[:3])}"
                    f"{', ...' if len(changed) > 3 else ''})")
-    old_cal, new_cal = old.get("calibration") or {}, new.get("calibration") or {}
+    # manifests written before calibration digests held the text file's hash as a string
+    old_cal, new_cal = (c if isinstance(c, dict) else {"content": c}
+                        for c in (old.get("calibration"), new.get("calibration")))
     if old_cal != new_cal:
         kind = "text" if new_cal.get("kind") == "text" else "data"
-        what = "" if old_cal.get("content") != new_cal.get("content") else " (same content, " \
-            "other token windows: --bos, --calib-packing or the tokenizer changed)"
+        if "tokens" not in old_cal:
+            what = " (work dir written by an older cospadi: its token windows are unknown)"
+        elif old_cal.get("content") != new_cal.get("content"):
+            what = ""
+        else:
+            what = (" (same content, other token windows: --bos, --calib-packing or the "
+                    "tokenizer changed)")
         out.append(f"calibration {kind} differs{what}")
     old_set, new_set = old.get("settings", {}), new.get("settings", {})
     for key in sorted(set(old_set) | set(new_set)):
