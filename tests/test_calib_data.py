@@ -195,3 +195,17 @@ def test_fingerprint_and_resume_with_calib_data(tmp_path, capsys):
     write_jsonl(data, [r + " changed" if i == used else r for i, r in enumerate(rows)])
     assert main([*args, "--bos", "always"]) == 2  # same rows, windows now start with BOS
     assert "same content, other token windows" in capsys.readouterr().err
+
+
+def test_differences_name_the_calibration_change():
+    from cospadi.pipeline.manifest import differences
+
+    text = {"kind": "text", "content": "c1", "tokens": "t1"}
+    assert differences({"calibration": text}, {"calibration": dict(text)}) == []
+    assert differences({"calibration": text}, {"calibration": {**text, "content": "c2",
+                                                               "tokens": "t2"}}) == [
+        "calibration text differs"]
+    assert "same content, other token windows" in differences(
+        {"calibration": text}, {"calibration": {**text, "tokens": "t2"}})[0]
+    # a manifest from before the digests held the text file's hash as a plain string
+    assert "older cospadi" in differences({"calibration": "c1"}, {"calibration": text})[0]
