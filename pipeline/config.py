@@ -38,6 +38,11 @@ class CompressConfig:
     seed: int = 42
     group_size: int = 1  # consecutive blocks sharing q, k, v, gate, up dictionaries
     calib_text: str | None = None
+    calib_data: str | None = None  # datasets: local data file(s) / folder / hub id[:config]
+    calib_split: str = "train"
+    calib_column: str | None = None  # default: text, else messages (chat template)
+    calib_packing: str = "pack"  # pack | truncate (--calib-data rows into windows)
+    bos: str = "auto"  # auto | always | never: BOS at the start of every window
     calib_samples: int = 256
     seq_len: int = 1024
     micro_batch: int = 8  # samples per block forward
@@ -102,6 +107,8 @@ CHOICES = {
     "propagate": ("original", "compressed"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "attn_implementation": ("auto", "sdpa", "eager"),
+    "calib_packing": ("pack", "truncate"),
+    "bos": ("auto", "always", "never"),
 }
 
 
@@ -121,6 +128,8 @@ def validate(cfg: CompressConfig) -> None:
             raise ConfigError(f"{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
     if cfg.refine_iters < 0:
         raise ConfigError(f"refine-iters must be >= 0, got {cfg.refine_iters}")
+    if cfg.calib_text and cfg.calib_data:
+        raise ConfigError("give calib-text or calib-data, not both")
     if cfg.torch_threads is not None and cfg.torch_threads < 1:
         raise ConfigError(f"torch-threads must be >= 1, got {cfg.torch_threads}")
     from ..storage.hf_checkpoint import parse_size

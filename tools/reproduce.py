@@ -4,11 +4,15 @@
         [--iters 60] [--calib-samples 256] [--seq-len 1024]
         [--eval-seq-len 512] [--eval-windows 0] [--torch-threads N]
         [--propagation-ratio 0.3] [--runs runs/reproduce] [--results results]
+        [--tasks piqa,hellaswag,... [--num-fewshot N] [--task-limit N] [--lm-eval-args S]]
 
 For every (method, ratio) it runs ``cospadi compress`` on the demo assets (same
 calibration text, samples and seed for every method) into ``RUNS/<run name>``, then
 ``cospadi eval`` (perplexity on the held-out text, non-overlapping windows) and
-``cospadi inspect`` (achieved kept fraction of parameters and bytes). At
+``cospadi inspect`` (achieved kept fraction of parameters and bytes). With ``--tasks`` each
+model (and the dense one) is also scored by lm-evaluation-harness (``cospadi eval
+--tasks``), and the report gains one zero-shot column per task (acc_norm where the task
+has it, else acc) and their mean. At
 ``--propagation-ratio`` it also runs CoSpaDi per layer with ``--propagate compressed``
 next to the default ``original``. The defaults are the paper's (256 x 1024 calibration
 tokens, 60 K-SVD iterations, whole evaluation text); a CPU run passes smaller values and
@@ -117,9 +121,48 @@ def evaluate(model_dir: Path, text: Path, seq_len: int, windows: int, threads: i
     return result
 
 
+def evaluation_key(opts: argparse.Namespace) -> dict:
+    """What a record was scored with (a record scored otherwise is evaluated again)."""
+    key = {"seq_len": opts.eval_seq_len, "windows": opts.eval_windows}
+    if opts.tasks:
+        key.update(tasks=list(opts.tasks), num_fewshot=opts.num_fewshot,
+                   task_limit=opts.task_limit, lm_eval_args=opts.lm_eval_args)
+    return key
+
+
+def primary_metric(metrics: dict) -> float | None:
+    """acc_norm where the task reports it (the harness's length-normalised choice), else
+    acc, else its first other number (e.g. word_perplexity)."""
+    for key in ("acc_norm,none", "acc,none"):
+        if key in metrics:
+            return metrics[key]
+    numbers = [v for k, v in metrics.items() if "," in k and "stderr" not in k
+               and isinstance(v, (int, float))]
+    return numbers[0] if numbers else None
+
+
+def zero_shot(model_dir: Path, opts: argparse.Namespace) -> dict[str, float | None]:
+    """One number per requested task from ``cospadi eval --tasks`` ({} without --tasks)."""
+    if not opts.tasks:
+        return {}
+    args = ["eval", "--model", str(model_dir), "--tasks", ",".join(opts.tasks), "--device",
+            "cpu", "--json"]
+    if opts.num_fewshot is not None:
+        args += ["--num-fewshot", str(opts.num_fewshot)]
+    if opts.task_limit:
+        args += ["--limit", str(opts.task_limit)]
+    if opts.lm_eval_args:
+        args += ["--model-args", opts.lm_eval_args]
+    if opts.include_path:
+        args += ["--include-path", opts.include_path]
+    out = cli(args, opts.torch_threads, quiet=True).stdout.strip().splitlines()[-1]
+    results = json.loads(out)["lm_eval"]["results"]
+    return {task: primary_metric(results.get(task, {})) for task in opts.tasks}
+
+
 def run_one(run: Run, opts: argparse.Namespace, assets: Path, runs: Path) -> dict:
     record_path = runs / f"{run.name}.json"
-    evaluation = {"seq_len": opts.eval_seq_len, "windows": opts.eval_windows}
+    evaluation = evaluation_key(opts)
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         if record.get("evaluation") == evaluation:
@@ -151,6 +194,8 @@ def run_one(run: Run, opts: argparse.Namespace, assets: Path, runs: Path) -> dic
         "model_kept_params": sizes["model"]["kept_params"],
         "model_kept_bytes": sizes["model"]["kept_bytes"],
     }
+    if opts.tasks:
+        record["zero_shot"] = zero_shot(out, opts)
     write_json(record_path, record)
     partial.unlink(missing_ok=True)
     return record
@@ -181,6 +226,22 @@ def dense_ppl(opts: argparse.Namespace, assets: Path, runs: Path) -> dict:
                       opts.eval_windows, opts.torch_threads)
     write_json(path, result)
     return result
+
+
+def dense_zero_shot(opts: argparse.Namespace, assets: Path, runs: Path,
+                    compute: bool = True) -> dict:
+    if not opts.tasks:
+        return {}
+    key = evaluation_key(opts)
+    path = runs / "dense-zero-shot.json"
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    if cached.get("evaluation") == key:
+        return cached["zero_shot"]
+    if not compute:
+        return {}
+    scores = zero_shot(assets / "model", opts)
+    write_json(path, {"evaluation": key, "zero_shot": scores})
+    return scores
 
 
 def planned_runs(opts: argparse.Namespace) -> list[Run]:
@@ -273,9 +334,17 @@ def targets(records: list[dict]) -> list[str]:
     return lines
 
 
+def _zero_shot_cells(scores: dict, tasks: list[str]) -> str:
+    values = [scores.get(t) for t in tasks]
+    cells = "".join(f" {v:.4f} |" if v is not None else " - |" for v in values)
+    known = [v for v in values if v is not None]
+    return cells + (f" {sum(known) / len(known):.4f} |" if len(known) == len(tasks) else " - |")
+
+
 def write_report(records: list[dict], dense: dict, opts: argparse.Namespace,
                  results: Path) -> None:
     order = list(METHODS)
+    tasks = list(getattr(opts, "tasks", None) or [])
     base = _base_solver(records)
     records = sorted(records, key=lambda r: (order.index(r["method"]), _solver(r) != base,
                                              _solver(r), r["propagate"] != "original",
@@ -311,9 +380,12 @@ def write_report(records: list[dict], dense: dict, opts: argparse.Namespace,
         "finished work.",
         "",
         "| method | gamma | ppl | ppl / SVD-LLM | kept params | kept bytes | settings "
-        "| compute time |",
-        "|---|---|---|---|---|---|---|---|",
+        "| compute time |" + "".join(f" {t} |" for t in tasks) + (" mean |" if tasks else ""),
+        "|---|---|---|---|---|---|---|---|" + "---|" * (len(tasks) + bool(tasks)),
     ]
+    if tasks:
+        lines.append(f"| dense | 0 | {dense['ppl']:.2f} | - | 1 | 1 | - | - |"
+                     + _zero_shot_cells(dense.get("zero_shot", {}), tasks))
     for r in records:
         key = (r["ratio"], _calib(r))
         rel = f"{r['ppl'] / svd[key]:.2f}" if key in svd else "-"
@@ -321,7 +393,8 @@ def write_report(records: list[dict], dense: dict, opts: argparse.Namespace,
             ", propagate compressed" if r["propagate"] == "compressed" else "")
         lines.append(f"| {label} | {r['ratio']:g} | {r['ppl']:.2f} | {rel} | "
                      f"{r['kept_params']:.4f} | {r['kept_bytes']:.4f} | {r['settings']} | "
-                     f"{fmt_seconds(compute_seconds(r))} |")
+                     f"{fmt_seconds(compute_seconds(r))} |"
+                     + (_zero_shot_cells(r.get("zero_shot", {}), tasks) if tasks else ""))
     lines += ["", "![perplexity against compression ratio](smollm2.png)", "",
               "## Targets", "", *targets(records)]
     if opts.notes:
@@ -424,6 +497,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="torch/OpenMP threads of every child (default: the usable cores; on "
                          "a CPU shared with other jobs use 1: OpenMP spin-waits under "
                          "oversubscription made K-SVD 3x slower with 2 threads than with 1)")
+    ap.add_argument("--tasks", type=lambda t: [x for x in t.split(",") if x], default=[],
+                    help="lm-eval tasks scored on every model (zero-shot columns), e.g. the "
+                         "paper's piqa,hellaswag,lambada_openai,arc_easy,arc_challenge,sciq,"
+                         "race,mmlu (needs the eval extra and the hub)")
+    ap.add_argument("--num-fewshot", type=int, default=None)
+    ap.add_argument("--task-limit", type=float, default=None,
+                    help="lm-eval examples per task (fewer: faster, noisier)")
+    ap.add_argument("--lm-eval-args", default=None,
+                    help="lm-eval model_args passed through, e.g. max_length=512")
+    ap.add_argument("--include-path", default=None, help="folder of local lm-eval task YAMLs")
     ap.add_argument("--report-all", action="store_true",
                     help="report every finished record under RUNS with this evaluation")
     ap.add_argument("--report-only", action="store_true", help="run nothing, write the report")
@@ -442,7 +525,10 @@ def main(argv: list[str] | None = None) -> int:
     fetch_assets(assets)
     dense = dense_ppl(opts, assets, runs)
     print(f"dense perplexity {dense['ppl']:.4f}", flush=True)
-    evaluation = {"seq_len": opts.eval_seq_len, "windows": opts.eval_windows}
+    if opts.tasks:
+        dense = {**dense, "zero_shot": dense_zero_shot(opts, assets, runs,
+                                                       compute=not opts.report_only)}
+    evaluation = evaluation_key(opts)
     records = {}
     for run in planned_runs(opts):
         path = runs / f"{run.name}.json"
