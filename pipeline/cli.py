@@ -178,7 +178,7 @@ def _print_prune(section: dict) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from ..stages.assemble import inspect_model
-    from ..stages.prune_checkpoint import PRUNE_SECTION
+    from ..stages.replaceme import PRUNE_SECTION
 
     config = _read_model_config(args.model_dir)
     prune = config.get(PRUNE_SECTION)

@@ -14,7 +14,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..stages.build_block import ModelSkeleton, load_skeleton
 from ..stages.calibration import calibration_ids, load_tokenizer, read_text
 from ..stages.compress_block import plan_groups
-from ..stages.prune_checkpoint import PRUNE_SECTION
+from ..stages.replaceme import PRUNE_SECTION
 from ..storage.durable_dir import remove_stale_temps, remove_tree
 from ..storage.shards import ShardError, ShardReader
 from .config import CompressConfig, ConfigError

@@ -30,7 +30,6 @@ from ..stages.build_block import build_block, load_skeleton
 from ..stages.calibration import calibration_ids, load_tokenizer, read_text
 from ..stages.capture import micro_batches
 from ..stages.projections import module_path
-from ..stages.prune_checkpoint import write_pruned
 from ..stages.replaceme import (
     DOWN_PROJ,
     MLP,
@@ -315,6 +314,8 @@ def prune_section(job: Job) -> dict:
 
 @task
 def run_prune_write(job: Job, *_deps: object) -> str:
+    from ..stages.prune_checkpoint import write_pruned  # late: it imports the assembler
+
     if is_done(job.work, PRUNE_WRITE):
         return PRUNE_WRITE
     begin = time.perf_counter()

@@ -29,9 +29,7 @@ from ..storage.hf_checkpoint import (
 )
 from .assemble import MODELING_FILE, staged_dir
 from .build_block import load_config
-from .replaceme import kept_layers
-
-PRUNE_SECTION = "cospadi_prune"
+from .replaceme import PRUNE_SECTION, kept_layers
 
 
 def pruned_config(model_dir: Path, start: int, size: int, section: dict) -> dict:

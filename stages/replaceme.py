@@ -23,6 +23,7 @@ from torch import nn
 
 from .whitening import whitening_from_gram
 
+PRUNE_SECTION = "cospadi_prune"  # config.json section of a pruned checkpoint
 RIDGE = 1e-6  # lambda relative to mean(diag M^T M): conditioning only, as for whitening
 MLP = "mlp"  # the module whose output is added to the residual stream
 DOWN_PROJ = "mlp.down_proj"
