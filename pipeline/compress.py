@@ -20,7 +20,7 @@ from ..storage.shards import ShardError, ShardReader
 from .config import CompressConfig, ConfigError
 from .graph import build_graph, execute, reconcile, task_order
 from .manifest import WorkDir, WorkLock, done_tasks, fingerprint, open_manifest
-from .plan import format_plan, make_plan
+from .plan import format_plan, human, make_plan
 from .prune_tasks import PRUNE_WRITE, format_table, prune_dirs, pruned_dir, scan_distances
 from .tasks import ASSEMBLE, Job
 
@@ -166,6 +166,13 @@ def dry_run(cfg: CompressConfig) -> str:
                                                 depth=skeleton.num_layers - cfg.prune_blocks)))
     calib = check_calibration(cfg, model_dir)
     job = make_job(cfg, model_dir, skeleton, calib, WorkDir(cfg.work_path), Path(cfg.out or "."))
+    act = cfg.calib_samples * cfg.seq_len * skeleton.config.hidden_size * \
+        (4 if cfg.resolved_dtype() == "float32" else 2)
+    disk = f"pruning: at most {cfg.prune_blocks + 4} hidden-state stores on disk while " \
+        f"scanning ({human((cfg.prune_blocks + 4) * act)})"
+    if cfg.method != "none":
+        disk += "; the pruned checkpoint stays in the work directory until assembly"
+    lines.append(disk)
     log.info("dry run: streaming the calibration tokens once for the distance table")
     lines.append(format_table(scan_distances(job), cfg.prune_blocks))
     return "\n".join(lines)

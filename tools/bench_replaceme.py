@@ -68,6 +68,64 @@ def calib_pass_seconds(assets: Path, samples: int, seq_len: int, threads: int) -
     return time.perf_counter() - start
 
 
+FORWARD = r"""
+import json, sys, time, torch
+from transformers import AutoModelForCausalLM
+from cospadi.stages.calibration import calibration_ids, load_tokenizer, read_text
+model_dir, text, samples, seq_len, threads = sys.argv[1:6]
+torch.set_num_threads(int(threads))
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+ids = calibration_ids(read_text(text), load_tokenizer(model_dir), int(samples), int(seq_len))
+wall, cpu = time.perf_counter(), time.process_time()
+with torch.no_grad():
+    for lo in range(0, int(samples), 8):
+        model.model(ids[lo:lo + 8])
+print(json.dumps({"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}))
+"""
+
+
+def child_cpu(command: list[str], threads: int) -> tuple[float, float, str]:
+    """(wall, CPU seconds of the child incl. its own children, stdout)."""
+    import resource
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return time.perf_counter() - start, cpu, proc.stdout
+
+
+def timing(opts: argparse.Namespace, assets: Path, runs: Path, n: int, rounds: int = 2
+           ) -> dict:
+    """Prune-only run against one whole-model calibration forward, interleaved."""
+    import shutil
+
+    out: dict[str, list] = {"forward_wall": [], "forward_cpu": [], "prune_wall": [],
+                            "prune_cpu": []}
+    for index in range(rounds):
+        _, _, printed = child_cpu([sys.executable, "-c", FORWARD, str(assets / "model"),
+                                   str(assets / "calib.txt"), str(opts.calib_samples),
+                                   str(opts.seq_len), str(opts.threads)], opts.threads)
+        forward = json.loads(printed.strip().splitlines()[-1])
+        out["forward_wall"].append(forward["wall"])
+        out["forward_cpu"].append(forward["cpu"])
+        target = runs / f"timing-{index}"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.rmtree(runs / f"timing-{index}.work", ignore_errors=True)
+        wall, cpu, _ = child_cpu([
+            sys.executable, "-m", "cospadi.pipeline.cli", "-q", "compress", "--model",
+            str(assets / "model"), "--out", str(target), "--calib-text",
+            str(assets / "calib.txt"), "--calib-samples", str(opts.calib_samples),
+            "--seq-len", str(opts.seq_len), "--torch-threads", str(opts.threads), "--device",
+            "cpu", "--method", "none", "--prune-blocks", str(n)], opts.threads)
+        out["prune_wall"].append(wall)
+        out["prune_cpu"].append(cpu)
+    return out
+
+
 def task_seconds(work: Path) -> dict[str, float]:
     out: dict[str, float] = {}
     for path in (work / "done").glob("*.json"):
@@ -130,7 +188,7 @@ def removed_fraction(record: dict, depth: int, proj: int, block: int) -> float:
 
 
 def _label(key: str, record: dict) -> str:
-    kind, _, n = key.partition("-")
+    kind, _, n = key.replace("split-svd-llm", "split_svd").partition("-")
     window = record.get("prune", {}).get("removed")
     where = f" (blocks {window[0]}..{window[1] - 1})" if window else ""
     if kind == "prune":
@@ -139,6 +197,8 @@ def _label(key: str, record: dict) -> str:
         return f"drop the same {n} blocks{where}"
     if kind == "split":
         return f"ReplaceMe {n} blocks{where} + CoSpaDi gamma {record.get('ratio')}"
+    if kind == "split_svd":
+        return f"ReplaceMe {n} blocks{where} + SVD-LLM gamma {record.get('ratio')}"
     return f"CoSpaDi gamma {record.get('ratio')} (as many parameters as {n} blocks)"
 
 
@@ -172,12 +232,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--splits", type=ints, default=[3, 6, 5])
     ap.add_argument("--matched", type=ints, default=[4, 8])
     ap.add_argument("--budget", type=float, default=0.3)
+    ap.add_argument("--width", default="cospadi", help="cospadi | svd-llm: the split's "
+                    "width method")
     ap.add_argument("--iters", type=int, default=1)
     ap.add_argument("--omp-atoms-per-step", type=int, default=8)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-windows", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--timing", type=int, default=0, help="N: time a prune-only run "
+                    "against the calibration forward (interleaved) and exit")
     ap.add_argument("--only", default="", help="comma list of run kinds: prune,split,matched")
     return ap.parse_args(argv)
 
@@ -186,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     opts = parse(argv)
     assets, runs = Path(opts.assets), Path(opts.runs)
     runs.mkdir(parents=True, exist_ok=True)
+    if opts.timing:
+        result = timing(opts, assets, runs, opts.timing)
+        write_json(runs / f"timing-{opts.timing}.json", result)
+        print(json.dumps(result, indent=1))
+        return 0
     kinds = set(opts.only.split(",")) if opts.only else {"prune", "split", "matched"}
     depth, proj, block = block_params(assets / "model")
     solver = ["--iters", str(opts.iters), "--omp-atoms-per-step", str(opts.omp_atoms_per_step)]
@@ -208,10 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     if "split" in kinds:
         for n in opts.splits:
             ratio = round((opts.budget * depth * proj - n * block) / ((depth - n) * proj), 4)
-            records[f"split-{n}"] = run(f"split-{n}-r{ratio:g}", [
-                "--method", "cospadi", "--prune-blocks", str(n), "--ratio", str(ratio),
+            tag = "" if opts.width == "cospadi" else f"-{opts.width}"
+            key = f"split{tag}-{n}"
+            records[key] = run(f"split{tag}-{n}-r{ratio:g}", [
+                "--method", opts.width, "--prune-blocks", str(n), "--ratio", str(ratio),
                 *solver], opts, assets, runs)
-            records[f"split-{n}"]["ratio"] = ratio
+            records[key]["ratio"] = ratio
     if "matched" in kinds:
         for n in opts.matched:
             ratio = round(n * block / (depth * proj), 4)
