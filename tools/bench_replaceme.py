@@ -199,7 +199,7 @@ def _label(key: str, record: dict) -> str:
         return f"ReplaceMe {n} blocks{where} + CoSpaDi gamma {record.get('ratio')}"
     if kind == "split_svd":
         return f"ReplaceMe {n} blocks{where} + SVD-LLM gamma {record.get('ratio')}"
-    return f"CoSpaDi gamma {record.get('ratio')} (as many parameters as {n} blocks)"
+    return f"CoSpaDi gamma {record.get('ratio')} alone"
 
 
 def report(records: dict[str, dict], dense: dict, depth: int, proj: int, block: int,
@@ -222,6 +222,32 @@ def report(records: dict[str, dict], dense: dict, depth: int, proj: int, block: 
     return "\n".join(lines)
 
 
+def stored_records(runs: Path) -> dict[str, dict]:
+    """Every finished run under RUNS, keyed as main() keys them, in table order."""
+    import re
+
+    found: list[tuple[tuple, str, dict]] = []
+    patterns = [(r"prune-(\d+)", "prune", 0), (r"drop-(\d+)", "drop", 1),
+                (r"split-(\d+)-r([\d.]+)", "split", 2),
+                (r"split-svd-llm-(\d+)-r([\d.]+)", "split-svd-llm", 3),
+                (r"cospadi-r([\d.]+)", "cospadi", 4)]
+    for path in sorted(runs.glob("*.json")):
+        for pattern, kind, rank in patterns:
+            match = re.fullmatch(pattern, path.stem)
+            if match is None:
+                continue
+            record = json.loads(path.read_text())
+            if kind == "cospadi":
+                record["ratio"] = float(match.group(1))
+                key, order = f"cospadi-{match.group(1)}", (rank, record["ratio"])
+            else:
+                if kind.startswith("split"):
+                    record["ratio"] = float(match.group(2))
+                key, order = f"{kind}-{match.group(1)}", (int(match.group(1)), rank)
+            found.append((order, key, record))
+    return {key: record for _, key, record in sorted(found)}
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -242,6 +268,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--timing", type=int, default=0, help="N: time a prune-only run "
                     "against the calibration forward (interleaved) and exit")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: report every finished run under RUNS")
     ap.add_argument("--only", default="", help="comma list of run kinds: prune,split,matched")
     return ap.parse_args(argv)
 
@@ -269,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         write_json(calib_path, {"seconds": calib_pass_seconds(
             assets, opts.calib_samples, opts.seq_len, opts.threads)})
     pure = round(opts.budget * depth)
+    if opts.report_only:
+        kinds = set()
     if "prune" in kinds:
         for n in [*opts.blocks, pure]:
             records[f"prune-{n}"] = run(f"prune-{n}", ["--method", "none", "--prune-blocks",
@@ -289,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             records[f"cospadi-{n}"] = run(f"cospadi-r{ratio:g}", [
                 "--method", "cospadi", "--ratio", str(ratio), *solver], opts, assets, runs)
             records[f"cospadi-{n}"]["ratio"] = ratio
+    if opts.report_only:
+        records = stored_records(runs)
     write_json(Path(opts.results) / "replaceme.json",
                {"dense": dense, "calib_pass": json.loads(calib_path.read_text()),
                 "depth": depth, "block_params": block, "projection_params": proj,
