@@ -239,11 +239,13 @@ def stored_records(runs: Path) -> dict[str, dict]:
             record = json.loads(path.read_text())
             if kind == "cospadi":
                 record["ratio"] = float(match.group(1))
-                key, order = f"cospadi-{match.group(1)}", (rank, record["ratio"])
+                key, order = f"cospadi-{match.group(1)}", (rank, 0, record["ratio"])
             else:
                 if kind.startswith("split"):
                     record["ratio"] = float(match.group(2))
-                key, order = f"{kind}-{match.group(1)}", (int(match.group(1)), rank)
+                n = int(match.group(1))
+                order = (0, n, rank) if rank < 2 else (rank, n)
+                key = f"{kind}-{match.group(1)}"
             found.append((order, key, record))
     return {key: record for _, key, record in sorted(found)}
 
