@@ -26,7 +26,7 @@ EXIT_INTERRUPTED = 130
 COMPRESS_FLAGS: dict[str, tuple[Any, str]] = {
     "--model": (str, "model directory or hub id"),
     "--out": (str, "output directory (a Hugging Face model folder)"),
-    "--method": (str, "cospadi | svd-llm"),
+    "--method": (str, "cospadi | svd-llm | none (prune only, with --prune-blocks)"),
     "--ratio": (float, "compression ratio: fraction of projection parameters removed"),
     "--rho": (float, "atoms per non-zero (k / s)"),
     "--solver": (str, "closed (default: closed-form, fast) | ksvd (the paper's K-SVD)"),
@@ -58,6 +58,8 @@ COMPRESS_FLAGS: dict[str, tuple[Any, str]] = {
     "--max-inflight": (int, "groups captured ahead of factorisation"),
     "--torch-threads": (int, "torch intra-op threads per process"),
     "--shard-size": (str, "largest output shard, e.g. 256MB or 2GB (held in memory once)"),
+    "--prune-blocks": (int, "ReplaceMe: remove N consecutive blocks before factorising"),
+    "--prune-fit": (str, "lstsq (fold a linear map into the block before) | drop"),
 }
 
 
@@ -138,7 +140,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         print(f"nothing to do: {result.out} is complete")
     else:
         note = f" (resumed: {result.skipped} tasks were done)" if result.skipped else ""
-        print(f"compressed model written to {result.out} in {result.seconds:.1f} s{note}")
+        what = "pruned" if cfg.method == "none" else "compressed"
+        print(f"{what} model written to {result.out} in {result.seconds:.1f} s{note}")
     return 0
 
 
@@ -185,12 +188,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_model_config(model_dir: str) -> dict:
+    from pathlib import Path
+
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # inspect_model names the problem
+
+
+def _print_prune(section: dict) -> None:
+    from .prune_tasks import format_table
+
+    start, stop = section["removed"]
+    print(f"depth pruned (ReplaceMe, fit {section['fit']}): blocks {start}..{stop - 1} of "
+          f"{section['original_layers']} removed, mean angular distance "
+          f"{section['distance']:.4f}")
+    table = {int(n): {int(s): d for s, d in row.items()}
+             for n, row in section["distances"].items()}
+    print(format_table(table, stop - start))
+    params = section.get("params")
+    if params:
+        print(f"pruned checkpoint: kept {params['kept'] / params['original']:.4f} of the "
+              "original's parameters (figures below are relative to the pruned model)")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from ..stages.assemble import inspect_model
+    from ..stages.replaceme import PRUNE_SECTION
 
-    report = inspect_model(args.model_dir)
+    config = _read_model_config(args.model_dir)
+    prune = config.get(PRUNE_SECTION)
+    compressed = prune is None or "cospadi" in config  # pruned only: a plain checkpoint
+    report = inspect_model(args.model_dir) if compressed else {}
+    if prune is not None:
+        report["prune"] = prune
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
+        return 0
+    if prune is not None:
+        _print_prune(prune)
+    if not compressed:
         return 0
     comp, model = report["compressed"], report["model"]
     print(f"compressed projections: kept {comp['kept_params']:.4f} of parameters, "

@@ -14,12 +14,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..stages.build_block import ModelSkeleton, load_skeleton
 from ..stages.calib_data import calibration_set
 from ..stages.compress_block import plan_groups
+from ..stages.replaceme import PRUNE_SECTION
 from ..storage.durable_dir import remove_stale_temps, remove_tree
 from ..storage.shards import ShardError, ShardReader
 from .config import CompressConfig, ConfigError
 from .graph import build_graph, execute, reconcile, task_order
 from .manifest import WorkDir, WorkLock, done_tasks, fingerprint, open_manifest
-from .plan import format_plan, make_plan
+from .plan import format_plan, human, make_plan
+from .prune_tasks import PRUNE_WRITE, format_table, prune_dirs, pruned_dir, scan_distances
 from .tasks import ASSEMBLE, Job
 
 log = logging.getLogger("cospadi")
@@ -68,9 +70,12 @@ def check_shapes(skeleton: ModelSkeleton, reader: ShardReader) -> None:
 
 def check_settings(cfg: CompressConfig, skeleton: ModelSkeleton) -> None:
     layers = skeleton.num_layers
+    if cfg.prune_blocks:
+        check_pruning(cfg, skeleton)
+        layers -= cfg.prune_blocks
     if cfg.group_size > layers:
         raise ConfigError(f"group-size {cfg.group_size} is larger than the model's depth "
-                          f"({layers} blocks)")
+                          f"({layers} blocks{' after pruning' if cfg.prune_blocks else ''})")
     context = getattr(skeleton.config, "max_position_embeddings", None)
     if context is not None and cfg.seq_len > context:
         raise ConfigError(f"seq-len {cfg.seq_len} is longer than the model's context "
@@ -81,6 +86,20 @@ def check_settings(cfg: CompressConfig, skeleton: ModelSkeleton) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError(f"device {device} requested but CUDA is not available")
+
+
+def check_pruning(cfg: CompressConfig, skeleton: ModelSkeleton) -> None:
+    from ..stages.replaceme import POST_MLP_NORMS, PruneError, check_prune, has_post_mlp_norm
+
+    try:
+        check_prune(skeleton.num_layers, cfg.prune_blocks)
+    except PruneError as err:
+        raise ConfigError(str(err)) from err
+    if cfg.prune_fit == "lstsq" and has_post_mlp_norm(skeleton.base.layers[0]):
+        raise ConfigError(f"prune-fit lstsq folds its map into mlp.down_proj, but "
+                          f"{skeleton.config.model_type} normalises the MLP output "
+                          f"({'/'.join(POST_MLP_NORMS)}) before adding it to the residual, so "
+                          "no linear map folds exactly; use --prune-fit drop")
 
 
 def check_calibration(cfg: CompressConfig, model_dir: Path) -> dict[str, str]:
@@ -101,7 +120,8 @@ def check_output(out: Path, assembled: bool) -> None:
         return
     config = out / "config.json"
     try:
-        ours = "cospadi" in json.loads(config.read_text())
+        raw = json.loads(config.read_text())
+        ours = "cospadi" in raw or PRUNE_SECTION in raw
     except (OSError, ValueError):
         ours = False
     if not ours:
@@ -120,21 +140,51 @@ def preflight(cfg: CompressConfig) -> tuple[Path, ModelSkeleton, ShardReader]:
     return model_dir, skeleton, reader
 
 
+def make_job(cfg: CompressConfig, model_dir: Path, skeleton: ModelSkeleton, work: WorkDir,
+             out: Path) -> Job:
+    depth = skeleton.num_layers
+    common = dict(config=cfg, work_root=str(work.root), out=str(out),
+                  device=cfg.resolved_device(), dtype=cfg.resolved_dtype())
+    if not cfg.prune_blocks:
+        return Job(model_dir=str(model_dir), num_layers=depth,
+                   groups=tuple(plan_groups(depth, cfg.group_size)), **common)
+    kept = depth - cfg.prune_blocks  # the usual tasks then compress the pruned model
+    return Job(model_dir=str(pruned_dir(work)), num_layers=kept,
+               groups=tuple(plan_groups(kept, cfg.group_size)), prune_source=str(model_dir),
+               source_layers=depth, **common)
+
+
 def dry_run(cfg: CompressConfig) -> str:
     from .timing import measure_rates, stage_seconds
 
-    _, skeleton, reader = preflight(cfg)
-    plan = make_plan(cfg, skeleton, reader)
-    device = cfg.resolved_device()
-    if cfg.torch_threads:  # measured as the tasks will run
-        import torch
+    model_dir, skeleton, reader = preflight(cfg)
+    depth = skeleton.num_layers - cfg.prune_blocks
+    lines = []
+    if cfg.method != "none":
+        plan = make_plan(cfg, skeleton, reader, depth=depth)
+        if cfg.torch_threads:  # measured as the tasks will run
+            import torch
 
-        torch.set_num_threads(cfg.torch_threads)
-    # the disk rate is measured where the output goes (its folder's parent exists or is made)
-    rates = measure_rates(device, cfg.resolved_dtype(), cfg.work_path.parent)
-    seconds = stage_seconds(plan, cfg, plan.hidden, plan.input_dims, rates,
-                            plan.disk["output"])
-    return format_plan(cfg, plan, seconds)
+            torch.set_num_threads(cfg.torch_threads)
+        # the disk rate is measured where the output goes (its folder's parent exists or is made)
+        rates = measure_rates(cfg.resolved_device(), cfg.resolved_dtype(), cfg.work_path.parent)
+        seconds = stage_seconds(plan, cfg, plan.hidden, plan.input_dims, rates,
+                                plan.disk["output"])
+        lines.append(format_plan(cfg, plan, seconds))
+    if not cfg.prune_blocks:
+        return "\n".join(lines)
+    check_calibration(cfg, model_dir)
+    job = make_job(cfg, model_dir, skeleton, WorkDir(cfg.work_path), Path(cfg.out or "."))
+    act = cfg.calib_samples * cfg.seq_len * skeleton.config.hidden_size * \
+        (4 if cfg.resolved_dtype() == "float32" else 2)
+    disk = f"pruning: at most {cfg.prune_blocks + 4} hidden-state stores on disk while " \
+        f"scanning ({human((cfg.prune_blocks + 4) * act)})"
+    if cfg.method != "none":
+        disk += "; the pruned checkpoint stays in the work directory until assembly"
+    lines.append(disk)
+    log.info("dry run: streaming the calibration tokens once for the distance table")
+    lines.append(format_table(scan_distances(job), cfg.prune_blocks))
+    return "\n".join(lines)
 
 
 def compress(cfg: CompressConfig, restart: bool = False, progress: bool = True
@@ -149,7 +199,6 @@ def compress(cfg: CompressConfig, restart: bool = False, progress: bool = True
     try:
         model_dir, skeleton, reader = preflight(cfg)
         calib = check_calibration(cfg, model_dir)
-        groups = tuple(plan_groups(skeleton.num_layers, cfg.group_size))
         out = Path(cfg.out)
         current = fingerprint(model_dir, calib, cfg.fingerprint_settings())
         if not lock.held:
@@ -162,13 +211,12 @@ def compress(cfg: CompressConfig, restart: bool = False, progress: bool = True
         if stale:
             log.info("removed %d partial writes left by an interrupted run", len(stale))
         done = done_tasks(work)
-        if ASSEMBLE in done and not out.is_dir():
-            done.discard(ASSEMBLE)  # output removed since: assemble again
-            (work.done_record(ASSEMBLE)).unlink()
-        check_output(out, assembled=ASSEMBLE in done)
-        job = Job(config=cfg, model_dir=str(model_dir),
-                  work_root=str(work.root), out=str(out), num_layers=skeleton.num_layers,
-                  groups=groups, device=cfg.resolved_device(), dtype=cfg.resolved_dtype())
+        final = PRUNE_WRITE if cfg.method == "none" else ASSEMBLE
+        if final in done and not out.is_dir():
+            done.discard(final)  # output removed since: write it again
+            (work.done_record(final)).unlink()
+        check_output(out, assembled=final in done)
+        job = make_job(cfg, model_dir, skeleton, work, out)
         done = reconcile(job, done)
         order = task_order(job)
         pending = [name for name in order if name not in done]
@@ -183,6 +231,8 @@ def compress(cfg: CompressConfig, restart: bool = False, progress: bool = True
         if not cfg.keep_work:
             remove_tree(work.root / "activations")
             remove_tree(work.root / "grams")
+            for path in prune_dirs(job):
+                remove_tree(path)
     finally:
         lock.release()
     return CompressResult(out, len(pending), len(order) - len(pending),

@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 class CompressConfig:
     model: str | None = None  # local directory or hub id
     out: str | None = None
-    method: str = "cospadi"  # cospadi | svd-llm
+    method: str = "cospadi"  # cospadi | svd-llm | none (with prune-blocks: prune only)
     ratio: float = 0.3  # compression ratio gamma: fraction of parameters removed
     rho: float = 2.0  # atoms per non-zero, k / s
     solver: str = "closed"  # dictionary solver: closed (default, fast) | ksvd (the paper's)
@@ -57,6 +57,8 @@ class CompressConfig:
     keep_work: bool = False  # keep Grams and activations after use
     shard_size: str = "256MB"  # output shards; assembly holds one shard in memory at a time
     torch_threads: int | None = None  # intra-op threads per process (None: torch default)
+    prune_blocks: int = 0  # ReplaceMe: remove this many consecutive blocks first (0: off)
+    prune_fit: str = "lstsq"  # lstsq: fold a least-squares map into the block before; drop
 
     def __post_init__(self) -> None:
         validate(self)
@@ -97,18 +99,21 @@ class CompressConfig:
                 "calib_samples", "seq_len", "micro_batch", "propagate",
                 "attn_implementation", "shard_size")
         settings = {key: getattr(self, key) for key in keep}
+        if self.prune_blocks:  # absent when off: earlier work directories still resume
+            settings.update(prune_blocks=self.prune_blocks, prune_fit=self.prune_fit)
         settings["dtype"] = self.resolved_dtype()
         return settings
 
 
 CHOICES = {
-    "method": ("cospadi", "svd-llm"),
+    "method": ("cospadi", "svd-llm", "none"),
     "solver": ("closed", "ksvd"),
     "propagate": ("original", "compressed"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "attn_implementation": ("auto", "sdpa", "eager"),
     "calib_packing": ("pack", "truncate"),
     "bos": ("auto", "always", "never"),
+    "prune_fit": ("lstsq", "drop"),
 }
 
 
@@ -130,6 +135,11 @@ def validate(cfg: CompressConfig) -> None:
         raise ConfigError(f"refine-iters must be >= 0, got {cfg.refine_iters}")
     if cfg.calib_text and cfg.calib_data:
         raise ConfigError("give calib-text or calib-data, not both")
+    if cfg.prune_blocks < 0:
+        raise ConfigError(f"prune-blocks must be >= 0, got {cfg.prune_blocks}")
+    if cfg.method == "none" and cfg.prune_blocks < 1:
+        raise ConfigError("method none (prune only) needs prune-blocks >= 1, got "
+                          f"{cfg.prune_blocks}")
     if cfg.torch_threads is not None and cfg.torch_threads < 1:
         raise ConfigError(f"torch-threads must be >= 1, got {cfg.torch_threads}")
     from ..storage.hf_checkpoint import parse_size

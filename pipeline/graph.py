@@ -20,6 +20,7 @@ import dask
 from dask.callbacks import Callback
 from dask.delayed import Delayed
 
+from .prune_tasks import PRUNE_WRITE, add_prune_nodes, prune_inputs, prune_order, pruned_dir
 from .tasks import (
     ASSEMBLE,
     EMBED,
@@ -40,7 +41,12 @@ log = logging.getLogger("cospadi")
 
 def task_order(job: Job) -> list[str]:
     """Every task of the run in a valid execution order."""
-    names = [EMBED]
+    if job.prune_source is not None:
+        if job.config.method == "none":
+            return prune_order(job)
+        names = prune_order(job) + [EMBED]
+    else:
+        names = [EMBED]
     for group, layers in enumerate(job.groups):
         names += [capture_name(layer) for layer in layers]
         names.append(factor_name(group))
@@ -63,6 +69,14 @@ def task_inputs(job: Job, name: str) -> list[tuple[Path, str]]:
     """(file or store the task reads, task that writes it)."""
     work = job.work
     kind, _, number = name.partition("-")
+    if kind == "prune":
+        return prune_inputs(job, name)
+    if job.prune_source is not None and name in (EMBED, ASSEMBLE):  # they read the pruned model
+        extra = [(pruned_dir(work), PRUNE_WRITE)]
+        if name == EMBED:
+            return extra
+    else:
+        extra = []
     if kind == "capture":
         layer = int(number)
         return [(work.activations(layer), producer_of_input(job, layer))]
@@ -73,8 +87,8 @@ def task_inputs(job: Job, name: str) -> list[tuple[Path, str]]:
         return [(work.activations(layers[0]), producer_of_input(job, layers[0]))] + \
             [(work.factors(layer), factor_name(int(number))) for layer in layers]
     if name == ASSEMBLE:
-        return [(work.factors(layer), factor_name(job.group_of(layer)))
-                for layer in range(job.num_layers)]
+        return extra + [(work.factors(layer), factor_name(job.group_of(layer)))
+                        for layer in range(job.num_layers)]
     return []
 
 
@@ -112,7 +126,12 @@ def build_graph(job: Job, done: set[str]) -> dict[str, Delayed]:
         nodes[name] = dask.delayed(bound, pure=False)(*args, dask_key_name=name)
         return nodes[name]
 
-    previous = node(EMBED, run_embed)  # the task producing the next block's inputs
+    pruned = []
+    if job.prune_source is not None:
+        pruned = [add_prune_nodes(node, job)]
+        if job.config.method == "none":
+            return nodes
+    previous = node(EMBED, run_embed, *pruned)  # the task producing the next block's inputs
     factors: list[object] = []
     for group, layers in enumerate(job.groups):
         backpressure = [factors[group - job.config.max_inflight]] \

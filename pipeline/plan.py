@@ -81,9 +81,11 @@ def matrix_plan(cfg: CompressConfig, projection: str, members: int, d1: int,
                       dictionary_bytes(d1, total_d2, shape.k, shape.s), shape.params)
 
 
-def make_plan(cfg: CompressConfig, skeleton: ModelSkeleton, reader: ShardReader) -> Plan:
+def make_plan(cfg: CompressConfig, skeleton: ModelSkeleton, reader: ShardReader,
+              depth: int | None = None) -> Plan:
+    """``depth``: blocks to compress when fewer than the model's (after pruning)."""
     config = skeleton.config
-    layers = skeleton.num_layers
+    layers = skeleton.num_layers if depth is None else depth
     groups = plan_groups(layers, cfg.group_size)
     shapes = {proj: skeleton.projection_shape(proj) for proj in PROJECTIONS}
     counts: Counter[tuple[str, int]] = Counter()

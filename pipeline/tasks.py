@@ -49,6 +49,8 @@ class Job:
     groups: tuple[tuple[int, ...], ...]
     device: str
     dtype: str
+    prune_source: str | None = None  # --prune-blocks: the original model (model_dir: pruned)
+    source_layers: int = 0  # its depth
 
     @property
     def work(self) -> WorkDir:
@@ -171,7 +173,7 @@ def _input_consumed_by_capture(job: Job, layer: int) -> bool:
 # tasks -----------------------------------------------------------------------------------
 
 @task
-def run_embed(job: Job) -> str:
+def run_embed(job: Job, *_deps: object) -> str:
     if is_done(job.work, EMBED):
         return EMBED
     start = time.perf_counter()

@@ -8,6 +8,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
     PreTrainedTokenizerFast,
@@ -36,6 +37,9 @@ def tiny_config(arch: str, layers: int = 3, **overrides):
                            layer_types=layer_types, **kwargs)
     if arch == "qwen3":
         return Qwen3Config(head_dim=16, **kwargs)
+    if arch == "gemma3":  # sliding / full layers by pattern, post-MLP norm, scaled embedding
+        return Gemma3TextConfig(head_dim=16, sliding_window=8, sliding_window_pattern=2,
+                                query_pre_attn_scalar=16, **kwargs)
     raise ValueError(arch)
 
 
