@@ -26,7 +26,7 @@ EXIT_INTERRUPTED = 130
 COMPRESS_FLAGS: dict[str, tuple[Any, str]] = {
     "--model": (str, "model directory or hub id"),
     "--out": (str, "output directory (a Hugging Face model folder)"),
-    "--method": (str, "cospadi | svd-llm"),
+    "--method": (str, "cospadi | svd-llm | masa"),
     "--ratio": (float, "compression ratio: fraction of projection parameters removed"),
     "--rho": (float, "atoms per non-zero (k / s)"),
     "--iters": (int, "K-SVD iterations"),
@@ -34,6 +34,9 @@ COMPRESS_FLAGS: dict[str, tuple[Any, str]] = {
     "--omp-atoms-per-step": (int, "1: exact OMP; b > 1: gOMP, b atoms per step (faster)"),
     "--seed": (int, "solver seed"),
     "--group-size": (int, "consecutive blocks sharing q,k,v,gate,up dictionaries"),
+    "--targets": (str, "projections to compress, e.g. q_proj,k_proj,v_proj,o_proj "
+                       "(default all seven; the others stay dense)"),
+    "--masa-atoms": (int, "masa: matrix atoms S shared by a group (1 <= S < group size)"),
     "--calib-text": (str, "UTF-8 calibration text file"),
     "--calib-samples": (int, "calibration sequences"),
     "--seq-len": (int, "tokens per calibration sequence"),

@@ -21,7 +21,7 @@ from .whitening import Whitening, whitening_from_gram
 
 @dataclass(frozen=True)
 class SolverSettings:
-    method: str = "cospadi"  # "cospadi" or "svd-llm"
+    method: str = "cospadi"  # "cospadi", "svd-llm" (here) or "masa" (its own module)
     ratio: float = 0.3
     rho: float = 2.0
     iters: int = 60
@@ -33,8 +33,9 @@ class SolverSettings:
     dtype: torch.dtype = torch.float32  # working precision of K-SVD (Grams stay float64)
 
     def __post_init__(self) -> None:
-        if self.method not in ("cospadi", "svd-llm"):
-            raise ValueError(f"method must be 'cospadi' or 'svd-llm', got {self.method!r}")
+        if self.method not in ("cospadi", "svd-llm", "masa"):  # masa: stages/masa.py
+            raise ValueError(f"method must be 'cospadi', 'svd-llm' or 'masa', "
+                             f"got {self.method!r}")
         if not (0.0 < self.ratio < 1.0):
             raise ValueError(f"ratio must lie in (0, 1), got {self.ratio}")
         if not self.rho >= 1.0:
