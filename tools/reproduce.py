@@ -152,10 +152,19 @@ def run_one(run: Run, opts: argparse.Namespace, assets: Path, runs: Path) -> dic
     finally:
         write_text(partial, f"{before + time.perf_counter() - start:.1f}")
     seconds = float(partial.read_text())
+    record = score(run, opts, assets, out, seconds)
+    write_json(record_path, record)
+    partial.unlink(missing_ok=True)
+    return record
+
+
+def score(run: Run, opts: argparse.Namespace, assets: Path, out: Path, seconds: float) -> dict:
+    """Evaluate and inspect a compressed model: the run's record."""
+    evaluation = {"seq_len": opts.eval_seq_len, "windows": opts.eval_windows}
     ppl = evaluate(out, assets / "eval.txt", opts.eval_seq_len, opts.eval_windows,
                    opts.torch_threads)
     sizes = json.loads(cli(["inspect", str(out), "--json"], opts.torch_threads).stdout)
-    record = {
+    return {
         "run": run.name, **asdict(run), "label": METHODS[run.method][0],
         "group_size": METHODS[run.method][2], "settings": run.settings(),
         "evaluation": evaluation, "ppl": ppl["ppl"], "eval_tokens": ppl["tokens"],
@@ -166,9 +175,6 @@ def run_one(run: Run, opts: argparse.Namespace, assets: Path, runs: Path) -> dic
         "model_kept_params": sizes["model"]["kept_params"],
         "model_kept_bytes": sizes["model"]["kept_bytes"],
     }
-    write_json(record_path, record)
-    partial.unlink(missing_ok=True)
-    return record
 
 
 def with_task_seconds(record: dict, runs: Path) -> dict:
@@ -310,7 +316,7 @@ def write_report(records: list[dict], dense: dict, opts: argparse.Namespace,
     svd = {(r["ratio"], _calib(r)): r["ppl"] for r in records if r["method"] == "svd-llm"}
     evaluation = (f"{dense['windows']} windows of {dense['seq_len']} tokens "
                   f"({dense['tokens']} predicted tokens)")
-    used = sorted({(*_solver(r), *_calib(r)) for r in records if r["method"] != "svd-llm"})
+    used = sorted({(*_solver(r), *_calib(r)) for r in records if _is_cospadi(r)})
     calibs = sorted({_calib(r) for r in records})
     paper = (PAPER["iters"], 1, PAPER["calib_samples"], PAPER["seq_len"])
     scopes = sorted({r.get("targets", ALL_TARGETS) for r in records})
