@@ -186,13 +186,13 @@ def format_plan(cfg: CompressConfig, plan: Plan) -> str:
              f"{'kept bytes':>13}{'x solves':>9}"]
     if cfg.method == "masa":
         lines[-1] = lines[-1].replace(f"{'k':>7}{'s':>7}{'r':>7}",
-                                      f"{'S':>7}{'r sum':>7}{'r each':>7}")
+                                      f"{'S':>7}{'r sum':>8}{'r each':>10}")
     for m in plan.matrices:
         if m.atoms is not None:  # MASA: S atoms, the group's total correction rank
             ranks = f"{m.r // m.members}-{-(-m.r // m.members)}" \
                 if m.r % m.members else f"{m.r // m.members}"
             lines.append(f"{m.projection:<18}{m.members:>7}{f'{m.d1} x {m.d2}':>14}"
-                         f"{m.atoms:>7}{m.r:>7}{'~' + ranks:>7}{human(m.bytes):>13}"
+                         f"{m.atoms:>7}{m.r:>8}{'~' + ranks:>10}{human(m.bytes):>13}"
                          f"{m.count:>9}")
             continue
         lines.append(f"{m.projection:<18}{m.members:>7}{f'{m.d1} x {m.d2}':>14}"
