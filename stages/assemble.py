@@ -366,6 +366,8 @@ def inspect_model(model_dir: str | os.PathLike) -> dict:
                              shared_dictionary="dictionary_from" in spec
                              or "atoms_from" in spec,
                              **_figures(params, nbytes, spec["d1"] * spec["d2"]))
+        if "diagnostics" in spec:  # the solver's achieved and SVD-LLM's whitened errors
+            modules[name]["diagnostics"] = spec["diagnostics"]
     layers: dict[str, dict] = {}
     compressed: dict = {}
     for name, figures in modules.items():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -66,8 +66,6 @@ class LowRankFactors:
         return LowRankFactors(self.left, self.right[:, start:stop].contiguous())
 
 
-
-
 @dataclass
 class MasaFactors:
     """``W_hat = sum_s coefficients[s] atoms[s] + left @ right`` (MASA): the atoms are shared
@@ -96,3 +94,13 @@ class MasaFactors:
 
 
 Factors = DictionaryFactors | LowRankFactors | MasaFactors
+
+
+@dataclass
+class DictionarySolution:
+    """What a dictionary solver returns: ``whitened ~ dictionary @ S`` in whitened space."""
+
+    dictionary: torch.Tensor  # d1 x k
+    support: torch.Tensor  # s x d2 int64, ascending within each column
+    values: torch.Tensor  # s x d2
+    stats: dict = field(default_factory=dict)  # "error" (relative, whitened) and more

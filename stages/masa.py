@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .compress_block import GroupFactors
 from .factors import MasaFactors
 from .projections import INPUT_OF
-from .sizing import DENSE_BYTES_PER_PARAM, check_ratio
+from .sizing import DENSE_BYTES_PER_PARAM, check_ratio, svd_rank
 
 COEFFICIENT_BYTES = 4  # float32 coefficients (m S numbers per group: negligible)
 _DEGENERATE = 1e-12  # principal values below this fraction of the largest are dropped
@@ -136,14 +136,16 @@ class MasaResult:
     ranks: list[int]
     whitening_paths: list[str]
     relative_errors: list[float]  # ||R_l (W_l - W_hat_l)||^2 / ||R_l W_l||^2 per member
+    svd_llm_errors: list[float] = field(default_factory=list)  # same, SVD-LLM at svd_rank
 
 
 def masa_group(weights: Sequence[torch.Tensor], whitenings: Sequence[object],
-               shape: MasaShape) -> MasaResult:
+               shape: MasaShape, svd_rank: int | None = None) -> MasaResult:
     """Shared atoms, coefficients and whitened low-rank corrections of one group.
 
     ``whitenings[l]`` whitens member l's input (its own Gram): ``whiten``/``unwhiten`` of
     stages.whitening.Whitening. Computed in float64; factors returned in float32.
+    ``svd_rank``: also report each member's SVD-LLM error at that rank (diagnostics).
     """
     members = len(weights)
     if members != shape.members or len(whitenings) != members:
@@ -157,11 +159,16 @@ def masa_group(weights: Sequence[torch.Tensor], whitenings: Sequence[object],
     device = whitenings[0].factor.device
     weights = [w.to(device=device, dtype=torch.float64) for w in weights]
     atoms, coefficients = matrix_atoms(weights, shape.atoms)
-    svds, spectra, norms = [], [], []
+    svds, spectra, norms, reference = [], [], [], []
     for w, c, whitening in zip(weights, coefficients, whitenings, strict=True):
         residual = w - torch.tensordot(c, atoms, dims=1) if shape.atoms else w
         whitened = whitening.whiten(residual)
-        norm = whitening.whiten(w).square().sum().item()
+        if svd_rank is None:
+            norm = whitening.whiten(w).square().sum().item()
+        else:
+            energy = torch.linalg.svdvals(whitening.whiten(w)).square()
+            norm = energy.sum().item()
+            reference.append(energy[svd_rank:].sum().item() / norm if norm > 0 else 0.0)
         u, sigma, vh = torch.linalg.svd(whitened, full_matrices=False)
         svds.append((u, sigma, vh))
         norms.append(norm if norm > 0 else 1.0)
@@ -177,7 +184,7 @@ def masa_group(weights: Sequence[torch.Tensor], whitenings: Sequence[object],
         errors.append(float(spectra[member][r:].sum()))
         factors.append(MasaFactors(shared, coefficients[member].float().cpu(),
                                    left.float().cpu(), right.float().cpu()))
-    return MasaResult(factors, ranks, [w.path for w in whitenings], errors)
+    return MasaResult(factors, ranks, [w.path for w in whitenings], errors, reference)
 
 
 def masa_units(layers: Sequence[int], targets: Sequence[str]) -> list[tuple[str, tuple[int, ...]]]:
@@ -190,16 +197,20 @@ def compress_group_masa(layers: Sequence[int], weight: Callable[[int, str], torc
                         ratio: float, atoms: int, targets: Sequence[str]) -> GroupFactors:
     """MASA for every targeted projection of one group (``compress_group``'s contract:
     ``whitening((layer,), input)`` gives member ``layer``'s own whitening)."""
-    result = GroupFactors({layer: {} for layer in layers})
+    result = GroupFactors({layer: {} for layer in layers}, [], {layer: {} for layer in layers})
     for projection, members in masa_units(layers, targets):
         input_name = INPUT_OF[projection]
         weights = [weight(layer, projection) for layer in members]
         d1, d2 = weights[0].shape
         shape = masa_shape(d1, d2, len(members), ratio, group_atoms(len(members), atoms))
         whitenings = [whitening((layer,), input_name) for layer in members]
-        solved = masa_group(weights, whitenings, shape)
-        for layer, factors in zip(members, solved.factors, strict=True):
+        solved = masa_group(weights, whitenings, shape, svd_rank(d1, d2, ratio).r)
+        for index, (layer, factors) in enumerate(zip(members, solved.factors, strict=True)):
             result.factors[layer][projection] = factors
+            # the diagnostics' convention: relative norms, not energies
+            result.diagnostics[layer][projection] = {
+                "error": solved.relative_errors[index] ** 0.5,
+                "svd_llm_error": solved.svd_llm_errors[index] ** 0.5}
         result.solves.append({
             "projection": projection, "layers": list(members), "atoms": shape.atoms,
             "ranks": solved.ranks, "relative_errors": solved.relative_errors,

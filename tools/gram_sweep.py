@@ -77,7 +77,8 @@ def run_variant(run: reproduce.Run, opts, assets: Path, runs: Path, base: Path,
         model=str(assets / "model"), out=str(out), calib_text=str(assets / "calib.txt"),
         method=method, ratio=run.ratio, group_size=group, iters=run.iters, rho=run.rho,
         seed=run.seed, omp_atoms_per_step=run.omp_atoms, calib_samples=run.calib_samples,
-        seq_len=run.seq_len, masa_atoms=run.masa_atoms, device="cpu", keep_work=True,
+        seq_len=run.seq_len, masa_atoms=run.masa_atoms, solver=run.solver, device="cpu",
+        keep_work=True,
         work_dir=str(work), torch_threads=opts.torch_threads,
         **({} if run.targets == reproduce.ALL_TARGETS else {"targets": run.targets})))
     skeleton = load_skeleton(assets / "model")

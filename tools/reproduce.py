@@ -72,12 +72,15 @@ class Run:
     omp_atoms: int = 1  # 1: exact OMP (the paper's); b > 1: gOMP, b atoms per step
     targets: str = ALL_TARGETS  # projections compressed ("all" or a comma-separated list)
     masa_atoms: int = 1  # MASA's S
+    solver: str = "ksvd"  # CoSpaDi's dictionary solver: ksvd (the paper's) | closed
 
     @property
     def name(self) -> str:
         it = ""
         if METHODS[self.method][1] == "cospadi":
             it = f"-it{self.iters}" + (f"-gomp{self.omp_atoms}" if self.omp_atoms > 1 else "")
+            if self.solver != "ksvd":
+                it = f"-{self.solver}{self.iters}"
         if METHODS[self.method][1] == "masa":
             it = f"-S{self.masa_atoms}"
         scope = "" if self.targets == ALL_TARGETS else \
@@ -90,6 +93,8 @@ class Run:
         extra = [] if self.targets == ALL_TARGETS else ["--targets", self.targets]
         if method == "masa":
             extra += ["--masa-atoms", str(self.masa_atoms)]
+        if method == "cospadi":
+            extra += ["--solver", self.solver]
         return ["--method", method, "--ratio", str(self.ratio), "--group-size", str(group),
                 "--propagate", self.propagate, "--iters", str(self.iters),
                 "--calib-samples", str(self.calib_samples), "--seq-len", str(self.seq_len),
@@ -99,6 +104,8 @@ class Run:
     def settings(self) -> str:
         omp = "exact OMP" if self.omp_atoms == 1 else f"gOMP {self.omp_atoms} atoms/step"
         kind = METHODS[self.method][1]
+        if kind == "cospadi" and self.solver != "ksvd":
+            omp = f"{self.solver} solver"
         solver = (f"K-SVD {self.iters} it, {omp}, rho {self.rho:g}" if kind == "cospadi"
                   else f"S = {self.masa_atoms} atoms + whitened SVD" if kind == "masa"
                   else "SVD")
@@ -207,7 +214,7 @@ def dense_ppl(opts: argparse.Namespace, assets: Path, runs: Path) -> dict:
 def planned_runs(opts: argparse.Namespace) -> list[Run]:
     common = dict(iters=opts.iters, calib_samples=opts.calib_samples, seq_len=opts.seq_len,
                   rho=opts.rho, seed=opts.seed, omp_atoms=opts.omp_atoms_per_step,
-                  targets=opts.targets, masa_atoms=opts.masa_atoms)
+                  targets=opts.targets, masa_atoms=opts.masa_atoms, solver=opts.solver)
     runs = [Run(method, ratio, "original", **common)
             for ratio in opts.ratios for method in opts.methods]
     if opts.propagation_ratio is not None and "cospadi" in opts.methods:
@@ -228,7 +235,10 @@ def _calib(r: dict) -> tuple[int, int]:
 
 def _solver(r: dict) -> tuple[int, int]:
     """K-SVD iterations and OMP atoms per step ((0, 0) for SVD-LLM)."""
-    return (r["iters"], r.get("omp_atoms", 1)) if _is_cospadi(r) else (0, 0)
+    if not _is_cospadi(r):
+        return (0, 0)
+    # b = 0 marks the closed-form solver (no OMP)
+    return (r["iters"], 0 if r.get("solver", "ksvd") == "closed" else r.get("omp_atoms", 1))
 
 
 def _is_cospadi(r: dict) -> bool:
@@ -335,8 +345,9 @@ def write_report(records: list[dict], dense: dict, opts: argparse.Namespace,
         "",
         "Settings: calibration " + ", ".join(f"{n} x {t} tokens" for n, t in calibs)
         + "; CoSpaDi " + ", ".join(
-            f"{it} K-SVD iteration{'s' if it > 1 else ''} "
-            f"({'exact OMP' if b == 1 else f'gOMP, {b} atoms per step'})"
+            (f"closed-form solver, {it} iterations" if b == 0 else
+             f"{it} K-SVD iteration{'s' if it > 1 else ''} "
+             f"({'exact OMP' if b == 1 else f'gOMP, {b} atoms per step'})")
             for it, b, _, _ in used)
         + (" (the paper's)." if used == [paper] else
            f" (the paper's are {paper[0]} iterations with exact OMP and {paper[2]} x "
@@ -404,7 +415,8 @@ def plot(records: list[dict], dense: dict, path: Path) -> None:
         cospadi = METHODS[method][1] == "cospadi"
         main_line = propagate == "original" and (not cospadi or solver == base)
         if cospadi and solver == base:
-            label += f", {base[0]} K-SVD it"
+            label += f", closed solver {base[0]} it" if base[1] == 0 else \
+                f", {base[0]} K-SVD it"
         if propagate == "compressed":
             marker, label = "D", f"{label}, propagate compressed"
         elif not main_line:
@@ -463,6 +475,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help=f"projections every method compresses ({ATTENTION} for attention "
                          "only; default all)")
     ap.add_argument("--masa-atoms", type=int, default=1, help="MASA's S")
+    ap.add_argument("--solver", default="ksvd",
+                    help="CoSpaDi's dictionary solver: ksvd (the paper's, these records') or "
+                         "closed")
     ap.add_argument("--name", default="smollm2", help="report file stem under RESULTS")
     ap.add_argument("--rho", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=42)
