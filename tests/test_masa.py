@@ -254,9 +254,10 @@ def test_masa_runtime_holds_only_stored_bytes(masa_run) -> None:
         assert not any(isinstance(v, torch.Tensor) for v in vars(m).values())
 
 
-# SVD-LLM per layer: a grouped SVD-LLM stores its shared left factor in every member
-# (assembly shares dictionaries only), which the plan does not count (pre-existing)
-@pytest.mark.parametrize("method,group", [("svd-llm", 1), ("cospadi", 2)])
+# One method here (the unit filter is the same for all; MASA's is tested above). Not
+# grouped SVD-LLM: it stores its shared left factor in every member (assembly shares
+# dictionaries only), which the plan does not count (pre-existing, not this issue's).
+@pytest.mark.parametrize("method,group", [("cospadi", 2)])
 def test_targets_are_honoured(tmp_path, method, group) -> None:
     """Only the targeted projections are factored; the rest stay dense; bytes = plan."""
     rc, out, work = _compress(tmp_path, "--method", method, "--targets", "q_proj,down_proj",
