@@ -104,11 +104,11 @@ class Run:
     def settings(self) -> str:
         omp = "exact OMP" if self.omp_atoms == 1 else f"gOMP {self.omp_atoms} atoms/step"
         kind = METHODS[self.method][1]
-        if kind == "cospadi" and self.solver != "ksvd":
-            omp = f"{self.solver} solver"
         solver = (f"K-SVD {self.iters} it, {omp}, rho {self.rho:g}" if kind == "cospadi"
                   else f"S = {self.masa_atoms} atoms + whitened SVD" if kind == "masa"
                   else "SVD")
+        if kind == "cospadi" and self.solver != "ksvd":
+            solver = f"{self.solver} solver, {self.iters} it, rho {self.rho:g}"
         scope = "" if self.targets == ALL_TARGETS else f"; targets {self.targets}"
         return (f"{solver}; calib {self.calib_samples}x{self.seq_len}; "
                 f"propagate {self.propagate}{scope}")
