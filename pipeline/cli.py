@@ -26,7 +26,7 @@ EXIT_INTERRUPTED = 130
 COMPRESS_FLAGS: dict[str, tuple[Any, str]] = {
     "--model": (str, "model directory or hub id"),
     "--out": (str, "output directory (a Hugging Face model folder)"),
-    "--method": (str, "cospadi | svd-llm | none (prune only, with --prune-blocks)"),
+    "--method": (str, "cospadi | svd-llm | masa | none (prune only, with --prune-blocks)"),
     "--ratio": (float, "compression ratio: fraction of projection parameters removed"),
     "--rho": (float, "atoms per non-zero (k / s)"),
     "--solver": (str, "closed (default: closed-form, fast) | ksvd (the paper's K-SVD)"),
@@ -37,6 +37,9 @@ COMPRESS_FLAGS: dict[str, tuple[Any, str]] = {
     "--omp-memory": (str, "ksvd: OMP working memory, e.g. 4GB (default: from free memory)"),
     "--seed": (int, "solver seed"),
     "--group-size": (int, "consecutive blocks sharing q,k,v,gate,up dictionaries"),
+    "--targets": (str, "projections to compress, e.g. q_proj,k_proj,v_proj,o_proj "
+                       "(default all seven; the others stay dense)"),
+    "--masa-atoms": (int, "masa: matrix atoms S shared by a group (1 <= S < group size)"),
     "--calib-text": (str, "UTF-8 calibration text file"),
     "--calib-data": (str, "calibration dataset: JSON/JSONL/parquet/arrow file(s), a folder, "
                           "or a hub id[:config]"),

@@ -137,6 +137,8 @@ def preflight(cfg: CompressConfig) -> tuple[Path, ModelSkeleton, ShardReader]:
     skeleton = load_skeleton(model_dir, cfg.attn_implementation)
     check_shapes(skeleton, reader)
     check_settings(cfg, skeleton)
+    if cfg.method == "masa":
+        make_plan(cfg, skeleton, reader)  # atoms that leave no room are refused up front
     return model_dir, skeleton, reader
 
 

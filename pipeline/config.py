@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 class CompressConfig:
     model: str | None = None  # local directory or hub id
     out: str | None = None
-    method: str = "cospadi"  # cospadi | svd-llm | none (with prune-blocks: prune only)
+    method: str = "cospadi"  # cospadi | svd-llm | masa | none (with prune-blocks: prune only)
     ratio: float = 0.3  # compression ratio gamma: fraction of parameters removed
     rho: float = 2.0  # atoms per non-zero, k / s
     solver: str = "closed"  # dictionary solver: closed (default, fast) | ksvd (the paper's)
@@ -37,6 +37,10 @@ class CompressConfig:
     omp_memory: str | None = None  # ksvd: OMP working memory, e.g. 4GB (None: from free memory)
     seed: int = 42
     group_size: int = 1  # consecutive blocks sharing q, k, v, gate, up dictionaries
+    # projections compressed by every method (short names: q_proj, ...); others stay dense
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                "down_proj")
+    masa_atoms: int = 1  # MASA: matrix atoms S shared by a group (S < group size)
     calib_text: str | None = None
     calib_data: str | None = None  # datasets: local data file(s) / folder / hub id[:config]
     calib_split: str = "train"
@@ -61,7 +65,15 @@ class CompressConfig:
     prune_fit: str = "lstsq"  # lstsq: fold a least-squares map into the block before; drop
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", canonical_targets(self.targets))
         validate(self)
+
+    @property
+    def target_projections(self) -> tuple[str, ...]:
+        """The targeted projections as module paths inside a block, in block order."""
+        from ..stages.projections import projection_path
+
+        return tuple(projection_path(name) for name in self.targets)
 
     @property
     def work_path(self) -> Path:
@@ -102,11 +114,40 @@ class CompressConfig:
         if self.prune_blocks:  # absent when off: earlier work directories still resume
             settings.update(prune_blocks=self.prune_blocks, prune_fit=self.prune_fit)
         settings["dtype"] = self.resolved_dtype()
+        # only when not the default, so work directories of earlier runs still resume
+        if self.targets != ALL_TARGETS:
+            settings["targets"] = list(self.targets)
+        if self.method == "masa":
+            settings["masa_atoms"] = self.masa_atoms
         return settings
 
 
+ALL_TARGETS: tuple[str, ...] = CompressConfig.targets
+
+
+def canonical_targets(targets: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
+    """Short projection names in block order; accepts ``q_proj``, ``q`` or
+    ``self_attn.q_proj``, a list or a comma-separated string; an unknown name is an error."""
+    if isinstance(targets, str):
+        targets = targets.split(",")
+    names = []
+    for raw in targets:
+        if not str(raw).strip():
+            continue
+        name = str(raw).strip().rpartition(".")[2]
+        if name and not name.endswith("_proj"):
+            name += "_proj"
+        if name not in ALL_TARGETS:
+            raise ConfigError(f"targets: unknown projection {str(raw).strip()!r} (choose from "
+                              f"{', '.join(ALL_TARGETS)})")
+        names.append(name)
+    if not names:
+        raise ConfigError("targets must name at least one projection")
+    return tuple(name for name in ALL_TARGETS if name in names)
+
+
 CHOICES = {
-    "method": ("cospadi", "svd-llm", "none"),
+    "method": ("cospadi", "svd-llm", "masa", "none"),
     "solver": ("closed", "ksvd"),
     "propagate": ("original", "compressed"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -131,6 +172,13 @@ def validate(cfg: CompressConfig) -> None:
                 "micro_batch", "workers", "max_inflight"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise ConfigError(f"{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.method == "masa":
+        if cfg.group_size < 2:
+            raise ConfigError("method masa shares atoms across a group: group-size must be "
+                              f">= 2, got {cfg.group_size}")
+        if not 1 <= cfg.masa_atoms < cfg.group_size:
+            raise ConfigError(f"masa-atoms S must satisfy 1 <= S < group-size "
+                              f"({cfg.group_size}), got {cfg.masa_atoms}")
     if cfg.refine_iters < 0:
         raise ConfigError(f"refine-iters must be >= 0, got {cfg.refine_iters}")
     if cfg.calib_text and cfg.calib_data:
@@ -182,12 +230,19 @@ def _accepts(value: Any, hint: Any) -> tuple[bool, Any]:
         return ok, float(value) if ok else value
     if hint is str:
         return isinstance(value, str), value
+    if typing.get_origin(hint) is tuple:  # tuple[str, ...]: a list or "a,b,c"
+        if isinstance(value, str):
+            return True, tuple(part.strip() for part in value.split(","))
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        return ok, tuple(value) if ok else value
     return False, value
 
 
 def _type_name(hint: Any) -> str:
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return "a list of names"
     return "null" if hint is type(None) else hint.__name__
 
 

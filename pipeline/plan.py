@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ..stages.build_block import ModelSkeleton
 from ..stages.compress_block import plan_groups, solve_units
+from ..stages.masa import MasaError, group_atoms, masa_shape, masa_units
 from ..stages.projections import INPUTS, PROJECTIONS
 from ..stages.sizing import (
     DENSE_BYTES_PER_PARAM,
@@ -21,7 +22,7 @@ from ..stages.sizing import (
 )
 from ..storage.hf_checkpoint import parse_size
 from ..storage.shards import ShardReader
-from .config import CompressConfig
+from .config import CompressConfig, ConfigError
 
 INTERPRETER_BYTES = 600 << 20  # python + torch + transformers imported (measured ~0.5 GB)
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -39,6 +40,7 @@ class MatrixPlan:
     bytes: int  # stored bytes of one solve (all members)
     params: int
     count: int = 0  # solves of this kind in the model
+    atoms: int | None = None  # MASA: matrix atoms S shared by the members (r: their total)
 
     @property
     def dense_params(self) -> int:
@@ -72,6 +74,13 @@ class Plan:
 def matrix_plan(cfg: CompressConfig, projection: str, members: int, d1: int,
                 d2: int) -> MatrixPlan:
     total_d2 = d2 * members
+    if cfg.method == "masa":
+        try:
+            shape = masa_shape(d1, d2, members, cfg.ratio, group_atoms(members, cfg.masa_atoms))
+        except MasaError as err:
+            raise ConfigError(f"{projection}: {err}") from err
+        return MatrixPlan(projection, members, d1, d2, None, None, shape.rank, shape.bytes,
+                          shape.params, atoms=shape.atoms)
     if cfg.method == "svd-llm":
         shape = svd_rank(d1, total_d2, cfg.ratio)
         return MatrixPlan(projection, members, d1, d2, None, None, shape.r, shape.bytes,
@@ -89,8 +98,11 @@ def make_plan(cfg: CompressConfig, skeleton: ModelSkeleton, reader: ShardReader,
     groups = plan_groups(layers, cfg.group_size)
     shapes = {proj: skeleton.projection_shape(proj) for proj in PROJECTIONS}
     counts: Counter[tuple[str, int]] = Counter()
+    targets = cfg.target_projections
     for members in groups:
-        for projection, unit in solve_units(members):
+        units = masa_units(members, targets) if cfg.method == "masa" else \
+            solve_units(members, targets)
+        for projection, unit in units:
             counts[(projection, len(unit))] += 1
     matrices = []
     for (projection, members), count in counts.items():
@@ -109,6 +121,9 @@ def make_plan(cfg: CompressConfig, skeleton: ModelSkeleton, reader: ShardReader,
     per_file_dict = 0
     if cfg.method == "cospadi":  # a shared dictionary is stored in every member's file
         per_file_dict = sum(2 * m.d1 * (m.k or 0) * (m.members - 1) * m.count for m in matrices)
+    if cfg.method == "masa":  # so are a group's atoms
+        per_file_dict = sum(2 * m.d1 * m.d2 * (m.atoms or 0) * (m.members - 1) * m.count
+                            for m in matrices)
     projection_keys = {f"{skeleton.layer_path(i)}.{p}.weight"
                        for i in range(layers) for p in PROJECTIONS}
     other_bytes = _other_tensor_bytes(reader, projection_keys)
@@ -175,12 +190,27 @@ def format_plan(cfg: CompressConfig, plan: Plan, seconds: dict[str, float] | Non
              f"{cfg.seq_len} calibration tokens, {plan.dtype} on {plan.device}",
              f"{'matrix':<18}{'layers':>7}{'d1 x d2':>14}{'k':>7}{'s':>7}{'r':>7}"
              f"{'kept bytes':>13}{'x solves':>9}"]
+    if cfg.method == "masa":
+        lines[-1] = lines[-1].replace(f"{'k':>7}{'s':>7}{'r':>7}",
+                                      f"{'S':>7}{'r sum':>8}{'r each':>10}")
     for m in plan.matrices:
+        if m.atoms is not None:  # MASA: S atoms, the group's total correction rank
+            ranks = f"{m.r // m.members}-{-(-m.r // m.members)}" \
+                if m.r % m.members else f"{m.r // m.members}"
+            lines.append(f"{m.projection:<18}{m.members:>7}{f'{m.d1} x {m.d2}':>14}"
+                         f"{m.atoms:>7}{m.r:>8}{'~' + ranks:>10}{human(m.bytes):>13}"
+                         f"{m.count:>9}")
+            continue
         lines.append(f"{m.projection:<18}{m.members:>7}{f'{m.d1} x {m.d2}':>14}"
                      f"{m.k if m.k is not None else '-':>7}{m.s if m.s is not None else '-':>7}"
                      f"{m.r if m.r is not None else '-':>7}{human(m.bytes):>13}{m.count:>9}")
     lines.append(f"kept fraction of projection params {plan.kept_params:.3f}, of bf16 bytes "
                  f"{plan.kept_bytes:.3f}")
+    if cfg.target_projections != PROJECTIONS:
+        lines[-1] += f" (targets {', '.join(cfg.targets)}; the others stay dense)"
+    if cfg.method == "masa":
+        lines.append("masa: r sum is the group's correction rank, spread over its members by "
+                     "calibration (r each: the even split)")
     disk = plan.disk
     lines.append("work dir disk (peak): grams " + human(disk["grams"]) + ", activations "
                  + human(disk["activations"]) + ", factors " + human(disk["factors"])
@@ -202,7 +232,8 @@ def format_plan(cfg: CompressConfig, plan: Plan, seconds: dict[str, float] | Non
 def plan_json(cfg: CompressConfig, plan: Plan) -> dict:
     return {
         "matrices": [{"projection": m.projection, "layers_per_solve": m.members, "d1": m.d1,
-                      "d2": m.d2, "k": m.k, "s": m.s, "r": m.r, "bytes": m.bytes,
+                      "d2": m.d2, "k": m.k, "s": m.s, "r": m.r, "atoms": m.atoms,
+                      "bytes": m.bytes,
                       "params": m.params, "solves": m.count} for m in plan.matrices],
         "kept_params": plan.kept_params, "kept_bytes": plan.kept_bytes,
         "disk": plan.disk, "host_bytes": plan.host_bytes, "device_bytes": plan.device_bytes,

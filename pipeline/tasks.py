@@ -289,6 +289,7 @@ def run_factor(job: Job, group_index: int, *_deps: object) -> str:
     work, layers = job.work, job.groups[group_index]
     settings = solver_settings(job)
     held: dict[tuple[tuple[int, ...], str], object] = {}  # the input being solved only
+    per_member = job.config.method == "masa"
 
     def weight(layer: int, projection: str) -> torch.Tensor:
         key = f"{module_path(skeleton.base_prefix, layer, projection)}.weight"
@@ -301,13 +302,24 @@ def run_factor(job: Job, group_index: int, *_deps: object) -> str:
 
     def whitening(members: tuple[int, ...], input_name: str):
         if (members, input_name) not in held:
-            held.clear()  # drop the previous input's whitening before building the next
+            # drop the previous whitening before building the next; MASA whitens each
+            # member by its own Gram and keeps a group's whitenings of one input together
+            if not per_member or all(name != input_name for _, name in held):
+                held.clear()
             held[(members, input_name)] = _group_whitening()(
                 per_token_grams(members, input_name), settings, owned=True)
         return held[(members, input_name)]
 
     with device_gate(job.device):
-        result = compress_group(layers, weight, whitening, settings, _solver())
+        if job.config.method == "masa":  # per-member whitenings: held together per input
+            from ..stages.masa import compress_group_masa
+
+            result = compress_group_masa(layers, weight, whitening, job.config.ratio,
+                                         job.config.masa_atoms,
+                                         job.config.target_projections)
+        else:
+            result = compress_group(layers, weight, whitening, settings, _solver(),
+                                    job.config.target_projections)
     for layer in layers:
         factors = {module_path(skeleton.base_prefix, layer, proj): f
                    for proj, f in result.factors[layer].items()}

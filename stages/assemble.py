@@ -151,6 +151,8 @@ def _share_dictionaries(specs: dict[str, dict], sources: dict[str, tuple[Path, s
     for name in sorted(specs, key=natural_key):
         spec = specs[name]
         spec.pop("dictionary_from", None)
+        if spec["kind"] == "masa":
+            _share_atoms(name, spec, sources, reader, owners)
         if spec["kind"] != "dictionary":
             continue
         file, stored = sources[f"{name}.dictionary"]
@@ -161,6 +163,22 @@ def _share_dictionaries(specs: dict[str, dict], sources: dict[str, tuple[Path, s
             del sources[f"{name}.dictionary"]
         else:
             owners[digest] = name
+
+
+def _share_atoms(name: str, spec: dict, sources: dict[str, tuple[Path, str]],
+                 reader: TensorSource, owners: dict[str, str]) -> None:
+    """MASA: a group's atoms (one copy in each member's factor file) stored once."""
+    spec.pop("atoms_from", None)
+    if not spec["atoms"]:
+        return
+    file, stored = sources[f"{name}.atoms"]
+    info = TensorInfo(file, STORE_DTYPE, (spec["atoms"], spec["d2"], spec["d1"]))
+    digest = "atoms:" + tensor_digest(reader.get(info, stored))
+    if digest in owners:
+        spec["atoms_from"] = owners[digest]
+        del sources[f"{name}.atoms"]
+    else:
+        owners[digest] = name
 
 
 @_user_errors()
@@ -212,6 +230,14 @@ def _dense_weight(name: str, spec: dict, tensors: dict[str, TensorInfo],
         dictionary = get(f"{owner}.dictionary").float()
         codes = codes_dense(get(f"{name}.mask"), get(f"{name}.values14"), spec["k"], spec["d2"])
         return (dictionary @ codes).T
+    if spec["kind"] == "masa":
+        weight = torch.zeros(spec["d2"], spec["d1"])
+        if spec["atoms"]:
+            atoms = get(f"{spec.get('atoms_from', name)}.atoms").float()
+            weight += torch.tensordot(get(f"{name}.coefficients").float(), atoms, dims=1)
+        if spec["r"]:
+            weight += (get(f"{name}.left").float() @ get(f"{name}.right").float()).T
+        return weight
     return (get(f"{name}.left").float() @ get(f"{name}.right").float()).T
 
 
@@ -328,12 +354,17 @@ def inspect_model(model_dir: str | os.PathLike) -> dict:
             params = spec["s"] * spec["d2"]
             if "dictionary_from" not in spec:
                 params += spec["d1"] * spec["k"]
+        elif spec["kind"] == "masa":  # shared atoms count for their owner only
+            params = spec["atoms"] + spec["r"] * (spec["d1"] + spec["d2"])
+            if "atoms_from" not in spec:
+                params += spec["atoms"] * spec["d1"] * spec["d2"]
         else:
             params = spec["r"] * (spec["d1"] + spec["d2"])
         nbytes = sum(tensors[key].nbytes for key in keys)
-        shape = {key: spec[key] for key in ("d1", "d2", "k", "s", "r") if key in spec}
+        shape = {key: spec[key] for key in ("d1", "d2", "k", "s", "r", "atoms") if key in spec}
         modules[name] = dict(kind=spec["kind"], **shape,
-                             shared_dictionary="dictionary_from" in spec,
+                             shared_dictionary="dictionary_from" in spec
+                             or "atoms_from" in spec,
                              **_figures(params, nbytes, spec["d1"] * spec["d2"]))
         if "diagnostics" in spec:  # the solver's achieved and SVD-LLM's whitened errors
             modules[name]["diagnostics"] = spec["diagnostics"]

@@ -40,10 +40,14 @@ class GroupFactors:
     diagnostics: dict[int, dict[str, dict]] = field(default_factory=dict)
 
 
-def solve_units(layers: Sequence[int]) -> list[tuple[str, tuple[int, ...]]]:
-    """(projection, member layers) of every solver call for a group, in a fixed order."""
+def solve_units(layers: Sequence[int], targets: Sequence[str] = PROJECTIONS
+                ) -> list[tuple[str, tuple[int, ...]]]:
+    """(projection, member layers) of every solver call for a group, in a fixed order;
+    projections not in ``targets`` are not solved (they stay dense)."""
     units = []
     for projection in PROJECTIONS:
+        if projection not in targets:
+            continue
         if projection in SHARED_IN_GROUP:
             units.append((projection, tuple(layers)))
         else:
@@ -54,7 +58,8 @@ def solve_units(layers: Sequence[int]) -> list[tuple[str, tuple[int, ...]]]:
 def compress_group(layers: Sequence[int],
                    weight: Callable[[int, str], torch.Tensor],
                    whitening: Callable[[tuple[int, ...], str], object],
-                   settings: object, solver: Solver) -> GroupFactors:
+                   settings: object, solver: Solver,
+                   targets: Sequence[str] = PROJECTIONS) -> GroupFactors:
     """Solve every projection of ``layers``.
 
     ``weight(layer, projection)`` gives W (d1 x d2, math layout) and
@@ -63,7 +68,7 @@ def compress_group(layers: Sequence[int],
     sharing an input come one after another, so a one-entry cache serves q, k, v).
     """
     result = GroupFactors({layer: {} for layer in layers}, [], {layer: {} for layer in layers})
-    for projection, members in solve_units(layers):
+    for projection, members in solve_units(layers, targets):
         input_name = INPUT_OF[projection]
         solved = solver([weight(layer, projection) for layer in members],
                         whitening(members, input_name), settings)

@@ -30,7 +30,7 @@ from .whitening import Whitening, whitening_from_gram
 
 @dataclass(frozen=True)
 class SolverSettings:
-    method: str = "cospadi"  # "cospadi" or "svd-llm"
+    method: str = "cospadi"  # "cospadi", "svd-llm" (here) or "masa" (its own module)
     ratio: float = 0.3
     rho: float = 2.0
     solver: str = "closed"  # dictionary solver (solvers.py): "closed" or "ksvd"
@@ -46,8 +46,9 @@ class SolverSettings:
     dtype: torch.dtype = torch.float32  # working precision of K-SVD (Grams stay float64)
 
     def __post_init__(self) -> None:
-        if self.method not in ("cospadi", "svd-llm"):
-            raise ValueError(f"method must be 'cospadi' or 'svd-llm', got {self.method!r}")
+        if self.method not in ("cospadi", "svd-llm", "masa"):  # masa: stages/masa.py
+            raise ValueError(f"method must be 'cospadi', 'svd-llm' or 'masa', "
+                             f"got {self.method!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {', '.join(sorted(SOLVERS))}, "
                              f"got {self.solver!r}")

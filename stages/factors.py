@@ -66,7 +66,34 @@ class LowRankFactors:
         return LowRankFactors(self.left, self.right[:, start:stop].contiguous())
 
 
-Factors = DictionaryFactors | LowRankFactors
+@dataclass
+class MasaFactors:
+    """``W_hat = sum_s coefficients[s] atoms[s] + left @ right`` (MASA): the atoms are shared
+    by the members of a group (the same tensor object), the rest is the member's own."""
+
+    atoms: torch.Tensor  # S x d1 x d2, float32 (shared)
+    coefficients: torch.Tensor  # S, float32
+    left: torch.Tensor  # d1 x r
+    right: torch.Tensor  # r x d2
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.left.shape[0], self.right.shape[1]
+
+    @property
+    def s(self) -> int:
+        return self.atoms.shape[0]
+
+    @property
+    def r(self) -> int:
+        return self.left.shape[1]
+
+    def dense(self) -> torch.Tensor:
+        shared = torch.tensordot(self.coefficients.to(self.atoms.dtype), self.atoms, dims=1)
+        return shared.to(self.left.dtype) + self.left @ self.right
+
+
+Factors = DictionaryFactors | LowRankFactors | MasaFactors
 
 
 @dataclass

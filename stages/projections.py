@@ -31,3 +31,11 @@ SHARED_IN_GROUP: frozenset[str] = frozenset({
 def module_path(base_prefix: str, layer: int, projection: str) -> str:
     """Full module path of a projection inside the ForCausalLM model."""
     return f"{base_prefix}.layers.{layer}.{projection}"
+
+
+def projection_path(short: str) -> str:
+    """``q_proj`` -> ``self_attn.q_proj`` (the path inside a decoder block)."""
+    for projection in PROJECTIONS:
+        if projection.rpartition(".")[2] == short:
+            return projection
+    raise ValueError(f"unknown projection {short!r}")

@@ -5,6 +5,10 @@ Tensor names are the module path plus a suffix, exactly the names the assembled 
 - dictionary kind: ``<module>.dictionary`` (bf16, d1 x k), ``<module>.mask`` and
   ``<module>.values14`` (uint8, see ``sparse_format``);
 - low-rank kind: ``<module>.left`` (bf16, d1 x r), ``<module>.right`` (bf16, r x d2);
+- masa kind: ``<module>.atoms`` (bf16, S x d2 x d1: torch's out x in layout, the group's
+  shared atoms, stored in every member's file), ``<module>.coefficients`` (float32, S) and
+  ``<module>.left`` / ``<module>.right`` as low-rank (tensors of size zero are left out:
+  no atoms when S = 0, no correction when r = 0);
 - optional ``<module>.bias`` (d2, dtype as given).
 
 Modules whose dictionaries are equal (a shared group dictionary) store it once, under the
@@ -16,7 +20,9 @@ The safetensors metadata holds a single key, ``cospadi``, whose value is sorted 
      "modules": {"<module>": {"kind": "dictionary", "d1": .., "d2": .., "k": .., "s": ..,
                               "bias": false, "dictionary_from": "<owner module>"?,
                               "diagnostics": {"error": .., "svd_llm_error": ..}?},
-                 "<module>": {"kind": "lowrank", "d1": .., "d2": .., "r": .., "bias": false}}}
+                 "<module>": {"kind": "lowrank", "d1": .., "d2": .., "r": .., "bias": false},
+                 "<module>": {"kind": "masa", "d1": .., "d2": .., "atoms": S, "r": ..,
+                              "bias": false}}}
 
 A single key matters: safetensors writes metadata keys in hash order, so several keys would
 make the bytes differ from run to run.
@@ -34,7 +40,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..stages.factors import DictionaryFactors, Factors, LowRankFactors
+from ..stages.factors import DictionaryFactors, Factors, LowRankFactors, MasaFactors
 from .atomic import write_with
 from .sparse_format import mask_nbytes, pack_codes, unpack_codes, values_nbytes
 
@@ -42,6 +48,7 @@ FORMAT = "cospadi-factors"
 VERSION = 1
 METADATA_KEY = "cospadi"
 STORE_DTYPE = torch.bfloat16  # dictionary / low-rank factors on disk
+COEFFICIENT_DTYPE = torch.float32  # MASA coefficients (S per module)
 
 
 class FactorFileError(ValueError):
@@ -86,7 +93,42 @@ def encode_module(name: str, factors: Factors) -> tuple[dict, dict[str, torch.Te
             f"{name}.right": factors.right.detach().cpu().to(STORE_DTYPE).contiguous(),
         }
         return {"kind": "lowrank", "d1": d1, "d2": d2, "r": r}, tensors
+    if isinstance(factors, MasaFactors):
+        return _encode_masa(name, factors)
     raise TypeError(f"{name}: unsupported factors type {type(factors).__name__}")
+
+
+def _encode_masa(name: str, factors: MasaFactors) -> tuple[dict, dict[str, torch.Tensor]]:
+    s, d1, d2 = factors.atoms.shape
+    r = factors.left.shape[1]
+    if factors.coefficients.shape != (s,) or factors.left.shape[0] != d1 or \
+            factors.right.shape != (r, d2):
+        raise ValueError(f"{name}: MASA factors disagree: atoms {tuple(factors.atoms.shape)}, "
+                         f"coefficients {tuple(factors.coefficients.shape)}, left "
+                         f"{tuple(factors.left.shape)}, right {tuple(factors.right.shape)}")
+    tensors = {}
+    if s:
+        tensors[f"{name}.atoms"] = factors.atoms.detach().cpu().transpose(1, 2) \
+            .to(STORE_DTYPE).contiguous()
+        tensors[f"{name}.coefficients"] = factors.coefficients.detach().cpu() \
+            .to(COEFFICIENT_DTYPE).contiguous()
+    if r:
+        tensors[f"{name}.left"] = factors.left.detach().cpu().to(STORE_DTYPE).contiguous()
+        tensors[f"{name}.right"] = factors.right.detach().cpu().to(STORE_DTYPE).contiguous()
+    return {"kind": "masa", "d1": d1, "d2": d2, "atoms": s, "r": r}, tensors
+
+
+def _masa_tensors(name: str, spec: dict) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    d1, d2, s, r = spec["d1"], spec["d2"], spec["atoms"], spec["r"]
+    out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    if s:
+        out[f"{name}.coefficients"] = (COEFFICIENT_DTYPE, (s,))
+        if "atoms_from" not in spec:
+            out[f"{name}.atoms"] = (STORE_DTYPE, (s, d2, d1))
+    if r:
+        out[f"{name}.left"] = (STORE_DTYPE, (d1, r))
+        out[f"{name}.right"] = (STORE_DTYPE, (r, d2))
+    return out
 
 
 def expected_tensors(name: str, spec: dict) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -101,6 +143,8 @@ def expected_tensors(name: str, spec: dict) -> dict[str, tuple[torch.dtype, tupl
     elif spec["kind"] == "lowrank":
         r = spec["r"]
         out = {f"{name}.left": (STORE_DTYPE, (d1, r)), f"{name}.right": (STORE_DTYPE, (r, d2))}
+    elif spec["kind"] == "masa":
+        out = _masa_tensors(name, spec)
     else:
         raise ValueError(f"unknown kind {spec['kind']!r} for {name}")
     return out
@@ -173,7 +217,7 @@ def read_block_header(path: str | os.PathLike) -> dict:
     return header
 
 
-_SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.bfloat16: "BF16"}
+_SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.bfloat16: "BF16", torch.float32: "F32"}
 
 
 def _check_tensors(path: Path, modules: dict, shapes: dict) -> None:
@@ -230,6 +274,8 @@ def read_block_file(path: str | os.PathLike) -> BlockFile:
                                                    handle.get_tensor(f"{name}.values14"),
                                                    spec["k"], spec["d2"], spec["s"])
                     factors[name] = DictionaryFactors(dictionaries[owner], support, values)
+                elif spec["kind"] == "masa":
+                    factors[name] = _read_masa(handle, name, spec)
                 else:
                     factors[name] = LowRankFactors(handle.get_tensor(f"{name}.left").float(),
                                                    handle.get_tensor(f"{name}.right").float())
@@ -238,6 +284,21 @@ def read_block_file(path: str | os.PathLike) -> BlockFile:
     except (SafetensorError, ValueError, KeyError) as err:
         raise FactorFileError(f"factor file {path} is corrupt: {err}") from err
     return BlockFile(factors, biases, header.get("metadata", {}))
+
+
+def _read_masa(handle, name: str, spec: dict) -> MasaFactors:
+    d1, d2, s, r = spec["d1"], spec["d2"], spec["atoms"], spec["r"]
+    if s:
+        atoms = handle.get_tensor(f"{name}.atoms").float().transpose(1, 2).contiguous()
+        coefficients = handle.get_tensor(f"{name}.coefficients").float()
+    else:
+        atoms, coefficients = torch.zeros(0, d1, d2), torch.zeros(0)
+    if r:
+        left = handle.get_tensor(f"{name}.left").float()
+        right = handle.get_tensor(f"{name}.right").float()
+    else:
+        left, right = torch.zeros(d1, 0), torch.zeros(0, d2)
+    return MasaFactors(atoms, coefficients, left, right)
 
 
 def read_block_factors(path: str | os.PathLike) -> dict[str, Factors]:

@@ -9,7 +9,9 @@ section listing the compressed projections::
         "model.layers.0.self_attn.q_proj": {"kind": "dictionary", "d1": in, "d2": out,
                                             "k": atoms, "s": nnz per column, "bias": false},
         "model.layers.1.self_attn.q_proj": {..., "dictionary_from": "<module owning it>"},
-        "model.layers.0.mlp.down_proj": {"kind": "lowrank", "d1": .., "d2": .., "r": ..}}}
+        "model.layers.0.mlp.down_proj": {"kind": "lowrank", "d1": .., "d2": .., "r": ..},
+        "model.layers.1.self_attn.o_proj": {"kind": "masa", "d1": .., "d2": .., "atoms": S,
+                                            "r": .., "atoms_from": "<module owning them>"?}}}
 
 ``CospadiForCausalLM`` builds the architecture's own ForCausalLM class (looked up from
 ``model_type`` in transformers' auto mapping) and swaps each listed ``nn.Linear`` for a
@@ -146,12 +148,65 @@ class CospadiLowRankLinear(nn.Module):
                 f"r={self.r}, bias={self.bias is not None}")
 
 
+# ---- MASA (matrix atoms shared across layers) -------------------------------------------
+
+
+class CospadiMasaLinear(nn.Module):
+    """``y = x (sum_s c_s A_s)^T + (x L) R + b``: MASA's shared atoms and own correction.
+
+    ``atoms`` (S x out x in) are stored once per group, by the first member; the others
+    borrow them. The combined weight is formed inside ``forward`` and dropped when it
+    returns, so between calls the module holds only its stored tensors (resident bytes =
+    bytes on disk). Tensors of size zero (S = 0 or r = 0) are not registered.
+    """
+
+    def __init__(self, d1: int, d2: int, atoms: int, r: int, bias: bool, owns_atoms: bool):
+        super().__init__()
+        self.in_features, self.out_features, self.num_atoms, self.r = d1, d2, atoms, r
+        owned = atoms > 0 and owns_atoms
+        self.atoms = nn.Parameter(torch.empty(atoms, d2, d1)) if owned else None
+        self.coefficients = nn.Parameter(torch.empty(atoms)) if atoms else None
+        self.left = nn.Parameter(torch.empty(d1, r)) if r else None
+        self.right = nn.Parameter(torch.empty(r, d2)) if r else None
+        self.bias = nn.Parameter(torch.empty(d2)) if bias else None
+        object.__setattr__(self, "_lender", None)  # not a submodule: never saved twice
+
+    def borrow_atoms(self, lender: "CospadiMasaLinear") -> None:
+        object.__setattr__(self, "_lender", lender)
+
+    def get_atoms(self) -> torch.Tensor:
+        return self.atoms if self._lender is None else self._lender.atoms
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.num_atoms:
+            weight = torch.tensordot(self.coefficients.to(x.dtype),
+                                     self.get_atoms().to(x.dtype), dims=1)
+            y = nn.functional.linear(x, weight, bias)
+            del weight
+        else:
+            y = x.new_zeros(*x.shape[:-1], self.out_features)
+            if bias is not None:
+                y = y + bias
+        if self.r:
+            y = y + (x @ self.left.to(x.dtype)) @ self.right.to(x.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"atoms={self.num_atoms}, r={self.r}, bias={self.bias is not None}, "
+                f"shared_atoms={self._lender is not None}")
+
+
 def compressed_module(spec: dict) -> nn.Module:
     if spec["kind"] == "dictionary":
         return CospadiDictionaryLinear(spec["d1"], spec["d2"], spec["k"], spec["s"],
                                        bool(spec.get("bias")), "dictionary_from" not in spec)
     if spec["kind"] == "lowrank":
         return CospadiLowRankLinear(spec["d1"], spec["d2"], spec["r"], bool(spec.get("bias")))
+    if spec["kind"] == "masa":
+        return CospadiMasaLinear(spec["d1"], spec["d2"], spec["atoms"], spec["r"],
+                                 bool(spec.get("bias")), "atoms_from" not in spec)
     raise ValueError(f"unknown compressed module kind {spec['kind']!r}")
 
 
@@ -173,6 +228,8 @@ def swap_linears(model: nn.Module, section: dict) -> None:
     for name, spec in section["modules"].items():
         if "dictionary_from" in spec:
             built[name].borrow_dictionary(built[spec["dictionary_from"]])
+        if "atoms_from" in spec:
+            built[name].borrow_atoms(built[spec["atoms_from"]])
 
 
 def base_causal_lm_class(config) -> type:

@@ -25,7 +25,10 @@ Records accumulate: the report covers every finished run under RUNS that the cur
 ``--ratios``/``--methods`` select (``--report-all``: every record, whatever its settings).
 
 Writes ``RESULTS/smollm2.md`` (table), ``RESULTS/smollm2.png`` (perplexity against
-compression ratio, log scale, dense as a horizontal line) and ``RESULTS/smollm2.json``.
+compression ratio, log scale, dense as a horizontal line) and ``RESULTS/smollm2.json``
+(``--name`` changes the stem). ``--targets q_proj,k_proj,v_proj,o_proj`` compresses the
+attention projections only (every method; the others stay dense); ``masa-g2/g4/g6`` are
+MASA with groups of 2, 4 and 6 blocks (``--masa-atoms`` S).
 """
 
 from __future__ import annotations
@@ -51,7 +54,12 @@ METHODS = {
     "svd-llm": ("SVD-LLM", "svd-llm", 1),
     "cospadi": ("CoSpaDi per layer", "cospadi", 1),
     "cospadi-g2": ("CoSpaDi groups of 2", "cospadi", 2),
+    "masa-g2": ("MASA groups of 2", "masa", 2),
+    "masa-g4": ("MASA groups of 4", "masa", 4),
+    "masa-g6": ("MASA groups of 6", "masa", 6),
 }
+ALL_TARGETS = "all"
+ATTENTION = "q_proj,k_proj,v_proj,o_proj"
 PAPER = {"iters": 60, "calib_samples": 256, "seq_len": 1024}
 
 
@@ -66,7 +74,9 @@ class Run:
     rho: float
     seed: int
     omp_atoms: int = 1  # 1: exact OMP (the paper's); b > 1: gOMP, b atoms per step
-    solver: str = "ksvd"  # ksvd (names of earlier records unchanged) | closed
+    targets: str = ALL_TARGETS  # projections compressed ("all" or a comma-separated list)
+    masa_atoms: int = 1  # MASA's S
+    solver: str = "ksvd"  # CoSpaDi's dictionary solver: ksvd (the paper's) | closed
 
     @property
     def name(self) -> str:
@@ -75,25 +85,37 @@ class Run:
             it = f"-it{self.iters}" + (f"-gomp{self.omp_atoms}" if self.omp_atoms > 1 else "")
             if self.solver == "closed":
                 it = f"-closed-it{self.iters}"
-        return (f"{self.method}-r{self.ratio:g}-{self.propagate}{it}"
+        if METHODS[self.method][1] == "masa":
+            it = f"-S{self.masa_atoms}"
+        scope = "" if self.targets == ALL_TARGETS else \
+            "-t" + ("attn" if self.targets == ATTENTION else self.targets.replace(",", "+"))
+        return (f"{self.method}-r{self.ratio:g}-{self.propagate}{it}{scope}"
                 f"-c{self.calib_samples}x{self.seq_len}-rho{self.rho:g}-s{self.seed}")
 
     def compress_args(self) -> list[str]:
         _, method, group = METHODS[self.method]
+        extra = [] if self.targets == ALL_TARGETS else ["--targets", self.targets]
+        if method == "masa":
+            extra += ["--masa-atoms", str(self.masa_atoms)]
+        if method == "cospadi":
+            extra += ["--solver", self.solver]
         return ["--method", method, "--ratio", str(self.ratio), "--group-size", str(group),
                 "--propagate", self.propagate, "--iters", str(self.iters),
                 "--calib-samples", str(self.calib_samples), "--seq-len", str(self.seq_len),
                 "--rho", str(self.rho), "--seed", str(self.seed),
-                "--omp-atoms-per-step", str(self.omp_atoms), "--solver", self.solver]
+                "--omp-atoms-per-step", str(self.omp_atoms), *extra]
 
     def settings(self) -> str:
         omp = "exact OMP" if self.omp_atoms == 1 else f"gOMP {self.omp_atoms} atoms/step"
-        solver = (f"K-SVD {self.iters} it, {omp}, rho {self.rho:g}"
-                  if METHODS[self.method][1] == "cospadi" else "SVD")
-        if self.solver == "closed" and METHODS[self.method][1] == "cospadi":
+        kind = METHODS[self.method][1]
+        solver = (f"K-SVD {self.iters} it, {omp}, rho {self.rho:g}" if kind == "cospadi"
+                  else f"S = {self.masa_atoms} atoms + whitened SVD" if kind == "masa"
+                  else "SVD")
+        if kind == "cospadi" and self.solver != "ksvd":
             solver = f"closed-form solver {self.iters} it, rho {self.rho:g}"
+        scope = "" if self.targets == ALL_TARGETS else f"; targets {self.targets}"
         return (f"{solver}; calib {self.calib_samples}x{self.seq_len}; "
-                f"propagate {self.propagate}")
+                f"propagate {self.propagate}{scope}")
 
 
 def cli(args: list[str], threads: int, quiet: bool = False) -> subprocess.CompletedProcess:
@@ -180,6 +202,15 @@ def run_one(run: Run, opts: argparse.Namespace, assets: Path, runs: Path) -> dic
     finally:
         write_text(partial, f"{before + time.perf_counter() - start:.1f}")
     seconds = float(partial.read_text())
+    record = score(run, opts, assets, out, seconds)
+    write_json(record_path, record)
+    partial.unlink(missing_ok=True)
+    return record
+
+
+def score(run: Run, opts: argparse.Namespace, assets: Path, out: Path, seconds: float) -> dict:
+    """Evaluate and inspect a compressed model: the run's record."""
+    evaluation = {"seq_len": opts.eval_seq_len, "windows": opts.eval_windows}
     ppl = evaluate(out, assets / "eval.txt", opts.eval_seq_len, opts.eval_windows,
                    opts.torch_threads)
     sizes = json.loads(cli(["inspect", str(out), "--json"], opts.torch_threads).stdout)
@@ -196,8 +227,6 @@ def run_one(run: Run, opts: argparse.Namespace, assets: Path, runs: Path) -> dic
     }
     if opts.tasks:
         record["zero_shot"] = zero_shot(out, opts)
-    write_json(record_path, record)
-    partial.unlink(missing_ok=True)
     return record
 
 
@@ -247,7 +276,7 @@ def dense_zero_shot(opts: argparse.Namespace, assets: Path, runs: Path,
 def planned_runs(opts: argparse.Namespace) -> list[Run]:
     common = dict(iters=opts.iters, calib_samples=opts.calib_samples, seq_len=opts.seq_len,
                   rho=opts.rho, seed=opts.seed, omp_atoms=opts.omp_atoms_per_step,
-                  solver=opts.solver)
+                  targets=opts.targets, masa_atoms=opts.masa_atoms, solver=opts.solver)
     runs = [Run(method, ratio, "original", **common)
             for ratio in opts.ratios for method in opts.methods]
     if opts.propagation_ratio is not None and "cospadi" in opts.methods:
@@ -267,11 +296,15 @@ def _calib(r: dict) -> tuple[int, int]:
 
 
 def _solver(r: dict) -> tuple[int, int]:
-    """Solver iterations and OMP atoms per step ((0, 0) for SVD-LLM; atoms 0: the closed-form
-    solver, which has no OMP)."""
-    if r["method"] == "svd-llm":
+    """K-SVD iterations and OMP atoms per step ((0, 0) for SVD-LLM)."""
+    if not _is_cospadi(r):
         return (0, 0)
-    return (r["iters"], 0 if r.get("solver") == "closed" else r.get("omp_atoms", 1))
+    # b = 0 marks the closed-form solver (no OMP)
+    return (r["iters"], 0 if r.get("solver", "ksvd") == "closed" else r.get("omp_atoms", 1))
+
+
+def _is_cospadi(r: dict) -> bool:
+    return METHODS[r["method"]][1] == "cospadi"
 
 
 def _solver_text(it: int, b: int) -> str:
@@ -283,13 +316,13 @@ def _solver_text(it: int, b: int) -> str:
 
 def _base_solver(records: list[dict]) -> tuple[int, int]:
     """The K-SVD setting most CoSpaDi rows share (others are labelled as variants)."""
-    keys = [_solver(r) for r in records if r["method"] != "svd-llm"]
+    keys = [_solver(r) for r in records if _is_cospadi(r)]
     return max(set(keys), key=keys.count) if keys else (0, 0)
 
 
 def _variant(r: dict, base: tuple[int, int]) -> str:
     """Label suffix of a row whose solver setting differs from the common one."""
-    if r["method"] == "svd-llm" or _solver(r) == base:
+    if not _is_cospadi(r) or _solver(r) == base:
         return ""
     it, b = _solver(r)
     if b == 0:
@@ -305,7 +338,8 @@ def targets(records: list[dict]) -> list[str]:
         for r in records:
             if (r["method"] == method and r["ratio"] == ref["ratio"]
                     and r["propagate"] == propagate and _calib(r) == _calib(ref)
-                    and (method == "svd-llm" or _solver(r) == _solver(ref))):
+                    and r.get("targets", ALL_TARGETS) == ref.get("targets", ALL_TARGETS)
+                    and (METHODS[method][1] != "cospadi" or _solver(r) == _solver(ref))):
                 return r
         return None
 
@@ -331,6 +365,25 @@ def targets(records: list[dict]) -> list[str]:
         if comp:
             lines.append(f"- {g}: CoSpaDi per layer{v}, propagate compressed "
                          f"{comp['ppl']:.2f} vs original {per['ppl']:.2f}")
+    for masa in sorted((r for r in records if METHODS[r["method"]][1] == "masa"),
+                       key=lambda r: (r["method"], r["ratio"])):
+        g, label = f"gamma {masa['ratio']:g}", METHODS[masa["method"]][0]
+        svd = find(masa, "svd-llm")
+        if svd:
+            q = masa["ppl"] / svd["ppl"]
+            lines.append(f"- {g}: {label} {masa['ppl']:.2f} / SVD-LLM {svd['ppl']:.2f} = "
+                         f"{q:.2f} (target MASA below SVD-LLM: "
+                         f"{'met' if q < 1 else 'MISSED'})")
+    for grp in sorted((r for r in records if r["method"] == "cospadi-g2"
+                       and r["propagate"] == "original"), key=lambda r: r["ratio"]):
+        rows = [r for r in records if METHODS[r["method"]][1] == "masa"
+                and r["ratio"] == grp["ratio"] and _calib(r) == _calib(grp)
+                and r.get("targets", ALL_TARGETS) == grp.get("targets", ALL_TARGETS)]
+        if rows:
+            best = min(rows, key=lambda r: r["ppl"])
+            lines.append(f"- gamma {grp['ratio']:g}: CoSpaDi groups of 2{_variant(grp, base)} "
+                         f"{grp['ppl']:.2f} vs best MASA ({METHODS[best['method']][0]}) "
+                         f"{best['ppl']:.2f}")
     return lines
 
 
@@ -352,11 +405,16 @@ def write_report(records: list[dict], dense: dict, opts: argparse.Namespace,
     svd = {(r["ratio"], _calib(r)): r["ppl"] for r in records if r["method"] == "svd-llm"}
     evaluation = (f"{dense['windows']} windows of {dense['seq_len']} tokens "
                   f"({dense['tokens']} predicted tokens)")
-    used = sorted({(*_solver(r), *_calib(r)) for r in records if r["method"] != "svd-llm"})
+    used = sorted({(*_solver(r), *_calib(r)) for r in records if _is_cospadi(r)})
     calibs = sorted({_calib(r) for r in records})
     paper = (PAPER["iters"], 1, PAPER["calib_samples"], PAPER["seq_len"])
+    scopes = sorted({r.get("targets", ALL_TARGETS) for r in records})
+    scope = ("q, k, v, o, gate, up, down of every block" if scopes == [ALL_TARGETS] else
+             "; ".join("all seven" if t == ALL_TARGETS else t.replace(",", ", ")
+                       for t in scopes) + " of every block (the others stay dense)")
     lines = [
-        "# SmolLM2-135M-Instruct: SVD-LLM vs CoSpaDi",
+        "# SmolLM2-135M-Instruct: SVD-LLM vs CoSpaDi"
+        + (" vs MASA" if any(METHODS[r["method"]][1] == "masa" for r in records) else ""),
         "",
         "Generated by `tools/reproduce.py`. Every method ran through the same `cospadi "
         "compress` pipeline on the same calibration text (`assets/calib.txt`, Wikipedia "
@@ -372,9 +430,10 @@ def write_report(records: list[dict], dense: dict, opts: argparse.Namespace,
         + (" Variants with other K-SVD settings are labelled in the method column."
            if len(used) > 1 else ""),
         f"Torch threads {opts.torch_threads}; rho = k/s = {opts.rho:g}; seed {opts.seed}. "
-        "Kept fractions are of the compressed projections (q, k, v, o, gate, up, down of "
-        "every block), parameters and bytes as stored (bf16 dictionary, 14-bit coefficients, "
-        "support bit-mask); embeddings and norms are not compressed. Compute time is "
+        f"Kept fractions are of the compressed projections ({scope}), parameters and "
+        "bytes as stored (bf16 dictionary, 14-bit coefficients, support bit-mask; MASA: bf16 "
+        "atoms once per group, float32 coefficients, bf16 corrections); embeddings and "
+        "norms are not compressed. Compute time is "
         "`cospadi compress` alone (calibration capture, Grams, solver, assembly), summed "
         "over its tasks so that runs resumed after an interruption count every attempt's "
         "finished work.",
@@ -395,7 +454,8 @@ def write_report(records: list[dict], dense: dict, opts: argparse.Namespace,
                      f"{r['kept_params']:.4f} | {r['kept_bytes']:.4f} | {r['settings']} | "
                      f"{fmt_seconds(compute_seconds(r))} |"
                      + (_zero_shot_cells(r.get("zero_shot", {}), tasks) if tasks else ""))
-    lines += ["", "![perplexity against compression ratio](smollm2.png)", "",
+    lines += ["", f"![perplexity against compression ratio]({getattr(opts, 'name', 'smollm2')}"
+              ".png)", "",
               "## Targets", "", *targets(records)]
     if opts.notes:
         lines += ["", Path(opts.notes).read_text().rstrip()]
@@ -403,10 +463,11 @@ def write_report(records: list[dict], dense: dict, opts: argparse.Namespace,
               f"{fmt_seconds(sum(compute_seconds(r) for r in records))}; evaluation: "
               f"{fmt_seconds(sum(r['eval_seconds'] for r in records) + dense['seconds'])}."]
     results.mkdir(parents=True, exist_ok=True)
-    write_text(results / "smollm2.md", "\n".join(lines) + "\n")
-    write_json(results / "smollm2.json", {"dense": dense, "runs": records,
+    stem = getattr(opts, "name", "smollm2")
+    write_text(results / f"{stem}.md", "\n".join(lines) + "\n")
+    write_json(results / f"{stem}.json", {"dense": dense, "runs": records,
                                           "targets": targets(records)})
-    plot(records, dense, results / "smollm2.png")
+    plot(records, dense, results / f"{stem}.png")
 
 
 def plot(records: list[dict], dense: dict, path: Path) -> None:
@@ -417,7 +478,8 @@ def plot(records: list[dict], dense: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     styles = {"svd-llm": ("o", "tab:red"), "cospadi": ("s", "tab:blue"),
-              "cospadi-g2": ("^", "tab:green")}
+              "cospadi-g2": ("^", "tab:green"), "masa-g2": ("v", "tab:purple"),
+              "masa-g4": ("<", "tab:orange"), "masa-g6": (">", "tab:brown")}
     base = _base_solver(records)
     series: dict[tuple, list[dict]] = {}
     for r in records:
@@ -429,9 +491,11 @@ def plot(records: list[dict], dense: dict, path: Path) -> None:
         rows.sort(key=lambda r: r["ratio"])
         marker, color = styles[method]
         label = METHODS[method][0] + _variant(rows[0], base)
-        main_line = propagate == "original" and (method == "svd-llm" or solver == base)
-        if method != "svd-llm" and solver == base:
-            label += f", {base[0]} K-SVD it"
+        cospadi = METHODS[method][1] == "cospadi"
+        main_line = propagate == "original" and (not cospadi or solver == base)
+        if cospadi and solver == base:
+            label += f", closed solver {base[0]} it" if base[1] == 0 else \
+                f", {base[0]} K-SVD it"
         if propagate == "compressed":
             marker, label = "D", f"{label}, propagate compressed"
         elif not main_line:
@@ -486,8 +550,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--omp-atoms-per-step", type=int, default=1,
                     help="1: exact OMP (the paper's); b > 1: gOMP with b atoms per step, "
                          "about b x faster sparse coding, somewhat worse codes")
+    ap.add_argument("--targets", default=ALL_TARGETS,
+                    help=f"projections every method compresses ({ATTENTION} for attention "
+                         "only; default all)")
+    ap.add_argument("--masa-atoms", type=int, default=1, help="MASA's S")
     ap.add_argument("--solver", default="ksvd", choices=["ksvd", "closed"],
-                    help="CoSpaDi's dictionary solver (closed: the fast closed-form one)")
+                    help="CoSpaDi's dictionary solver: ksvd (the paper's, these records') or "
+                         "closed")
+    ap.add_argument("--name", default="smollm2", help="report file stem under RESULTS")
     ap.add_argument("--rho", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--eval-seq-len", type=int, default=512)
@@ -549,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no finished runs to report")
         return 1
     write_report(records, dense, opts, Path(opts.results))
-    print(f"wrote {opts.results}/smollm2.md, .png, .json")
+    print(f"wrote {opts.results}/{opts.name}.md, .png, .json")
     return 0
 
 
