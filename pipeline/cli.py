@@ -47,6 +47,10 @@ COMPRESS_FLAGS: dict[str, tuple[Any, str]] = {
     "--workers": (int, "local scheduler threads"),
     "--max-inflight": (int, "groups captured ahead of factorisation"),
     "--torch-threads": (int, "torch intra-op threads per process"),
+    "--allocation": (str, "uniform | global: one byte budget spent per matrix where it "
+                            "buys most (method and size chosen per matrix)"),
+    "--allocation-weight": (str, "global allocation's proxy: relative errors weighted by "
+                                   "params | matrices | energy"),
     "--shard-size": (str, "largest output shard, e.g. 256MB or 2GB (held in memory once)"),
 }
 

@@ -49,6 +49,10 @@ class CompressConfig:
     keep_work: bool = False  # keep Grams and activations after use
     shard_size: str = "256MB"  # output shards; assembly holds one shard in memory at a time
     torch_threads: int | None = None  # intra-op threads per process (None: torch default)
+    allocation: str = "uniform"  # uniform: every matrix at --ratio; global: one budget, spent
+    # per matrix where it lowers the proxy most (method, k, s or rank chosen per matrix)
+    allocation_weight: str = "params"  # proxy: relative functional errors weighted by
+    # params (dense size) | matrices (one each) | energy (||R W||^2)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -90,6 +94,9 @@ class CompressConfig:
                 "attn_implementation", "shard_size")
         settings = {key: getattr(self, key) for key in keep}
         settings["dtype"] = self.resolved_dtype()
+        if self.allocation != "uniform":  # absent when uniform: older work dirs still resume
+            settings["allocation"] = self.allocation
+            settings["allocation_weight"] = self.allocation_weight
         return settings
 
 
@@ -98,6 +105,8 @@ CHOICES = {
     "propagate": ("original", "compressed"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "attn_implementation": ("auto", "sdpa", "eager"),
+    "allocation": ("uniform", "global"),
+    "allocation_weight": ("params", "matrices", "energy"),
 }
 
 
@@ -115,6 +124,9 @@ def validate(cfg: CompressConfig) -> None:
                 "micro_batch", "workers", "max_inflight"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.allocation == "global" and cfg.propagate == "compressed":
+        raise ConfigError("allocation global needs every block's Grams before the first "
+                          "factorisation; it cannot be combined with propagate compressed")
     if cfg.torch_threads is not None and cfg.torch_threads < 1:
         raise ConfigError(f"torch-threads must be >= 1, got {cfg.torch_threads}")
     from ..storage.hf_checkpoint import parse_size

@@ -1,0 +1,173 @@
+"""Error curves of one solve unit: its options, their bytes and predicted errors.
+
+A unit is a whitened matrix ``W_L = R W`` (d1 x d2; a group's members concatenated along
+d2). Its options, in the on-disk format:
+
+- ``lowrank`` at every rank r whose bytes stay below the dense matrix: the error of the
+  truncated SVD is exact and free for every r at once, ``sum_{j > r} sigma_j^2``;
+- ``dictionary`` at a ladder of kept fractions for several rho = k / s, with ``k <= d1``:
+  the error of the closed-form warm start (orthonormal D = top-k left singular vectors of
+  ``W_L``, codes = the s largest entries of ``D^T W_L`` per column). With D orthonormal the
+  error is ``||W_L||^2`` minus the kept squared codes, so every (k, s) costs one top-s over
+  the first k rows of ``Sigma V^T``; solvers that refine from this start only do better,
+  so the prediction is an upper bound for them;
+- ``dense``: the matrix kept as is (bf16 bytes, no error).
+
+Errors are relative: ``||R (W - W_hat)||_F^2 / ||R W||_F^2``, the normalised functional
+error. The model-level proxy weighs each unit's relative error (:func:`proxy_weight`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .sizing import DENSE_BYTES_PER_PARAM, LowRankShape, dictionary_bytes, dictionary_shape
+
+DEFAULT_RHOS = (1.5, 2.0, 3.0, 4.0)
+DEFAULT_FRACTIONS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # kept bytes 0.05..0.95
+WEIGHTS = ("params", "matrices", "energy")
+
+
+@dataclass(frozen=True)
+class Option:
+    method: str  # "dictionary" | "lowrank" | "dense"
+    bytes: int
+    error: float  # predicted relative squared functional error
+    k: int | None = None
+    s: int | None = None
+    r: int | None = None
+
+    def label(self) -> str:
+        if self.method == "dictionary":
+            return f"dict k={self.k} s={self.s}"
+        if self.method == "lowrank":
+            return f"lowrank r={self.r}"
+        return "dense"
+
+    def as_dict(self) -> dict:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+    @staticmethod
+    def from_dict(data: dict) -> Option:
+        return Option(method=data["method"], bytes=int(data["bytes"]),
+                      error=float(data["error"]), k=data.get("k"), s=data.get("s"),
+                      r=data.get("r"))
+
+
+@dataclass
+class UnitCurve:
+    projection: str
+    layers: tuple[int, ...]
+    d1: int
+    d2: int  # all members together
+    energy: float  # ||R W||_F^2 (per calibration token: Grams are token means)
+    options: list[Option]
+
+    @property
+    def key(self) -> str:
+        return unit_key(self.projection, self.layers)
+
+    def as_dict(self) -> dict:
+        return {"projection": self.projection, "layers": list(self.layers), "d1": self.d1,
+                "d2": self.d2, "energy": self.energy,
+                "options": [o.as_dict() for o in self.options]}
+
+    @staticmethod
+    def from_dict(data: dict) -> UnitCurve:
+        return UnitCurve(data["projection"], tuple(data["layers"]), int(data["d1"]),
+                         int(data["d2"]), float(data["energy"]),
+                         [Option.from_dict(o) for o in data["options"]])
+
+
+def unit_key(projection: str, layers: tuple[int, ...] | list[int]) -> str:
+    return f"{projection}@{'-'.join(str(layer) for layer in layers)}"
+
+
+def dense_option(d1: int, d2: int) -> Option:
+    return Option("dense", DENSE_BYTES_PER_PARAM * d1 * d2, 0.0)
+
+
+def svd_options(sigma: torch.Tensor, d1: int, d2: int) -> list[Option]:
+    """Every rank below the dense size, with its exact relative error."""
+    power = sigma.to(torch.float64).square()
+    total = float(power.sum())
+    # tail[r] = sum_{j >= r} sigma_j^2, r = 0..n
+    tail = torch.flip(torch.cumsum(torch.flip(power, [0]), 0), [0]).tolist() + [0.0]
+    dense = DENSE_BYTES_PER_PARAM * d1 * d2
+    options = []
+    for r in range(1, min(d1, d2) + 1):
+        shape = LowRankShape(d1=d1, d2=d2, r=r)
+        if shape.bytes >= dense:
+            break
+        options.append(Option("lowrank", shape.bytes, tail[r] / total if total else 0.0, r=r))
+    return options
+
+
+def dictionary_ladder(d1: int, d2: int, rhos: tuple[float, ...] = DEFAULT_RHOS,
+                      fractions: tuple[float, ...] = DEFAULT_FRACTIONS
+                      ) -> list[tuple[int, int]]:
+    """Distinct (k, s) of the ladder, k <= d1 (an orthonormal dictionary), below dense."""
+    dense = DENSE_BYTES_PER_PARAM * d1 * d2
+    shapes = set()
+    for rho in rhos:
+        for kept in fractions:
+            shape = dictionary_shape(d1, d2, 1.0 - kept, rho)
+            if shape.k <= d1 and dictionary_bytes(d1, d2, shape.k, shape.s) < dense:
+                shapes.add((shape.k, shape.s))
+    return sorted(shapes)
+
+
+def threshold_errors(codes: torch.Tensor, total: float, shapes: list[tuple[int, int]]
+                     ) -> list[float]:
+    """Relative error of the orthonormal warm start at each (k, s).
+
+    ``codes`` = ``Sigma V^T`` (rank x d2, rows by decreasing singular value), ``total`` =
+    ``||W_L||^2``. Atoms beyond the rank add nothing (their codes are zero).
+    """
+    power = codes.to(torch.float64).square()
+    errors = []
+    for k, s in shapes:
+        rows = power[:min(k, power.shape[0])]
+        kept = torch.topk(rows, min(s, rows.shape[0]), dim=0, sorted=False).values.sum()
+        errors.append(max(0.0, total - float(kept)) / total if total else 0.0)
+    return errors
+
+
+def unit_curve(projection: str, layers: tuple[int, ...], whitened: torch.Tensor,
+               rhos: tuple[float, ...] = DEFAULT_RHOS,
+               fractions: tuple[float, ...] = DEFAULT_FRACTIONS,
+               with_dictionary: bool = True,
+               extra: tuple[tuple[int, int], ...] = ()) -> UnitCurve:
+    """All options of one unit from its whitened matrix ``W_L`` (d1 x d2); ``extra``:
+    more dictionary (k, s) to include (the uniform plan's)."""
+    whitened = whitened.to(torch.float64)
+    d1, d2 = whitened.shape
+    _, sigma, vh = torch.linalg.svd(whitened, full_matrices=False)
+    total = float(sigma.square().sum())
+    options = svd_options(sigma, d1, d2)
+    if with_dictionary:
+        shapes = sorted(set(dictionary_ladder(d1, d2, rhos, fractions)) | set(extra))
+        codes = sigma[:, None] * vh
+        for (k, s), error in zip(shapes, threshold_errors(codes, total, shapes), strict=True):
+            options.append(Option("dictionary", dictionary_bytes(d1, d2, k, s), error,
+                                  k=k, s=s))
+    options.append(dense_option(d1, d2))
+    return UnitCurve(projection, tuple(layers), d1, d2, total, options)
+
+
+def proxy_weight(curve: UnitCurve, weighting: str) -> float:
+    """How much one unit's relative error counts in the model-level proxy.
+
+    ``params``: by the unit's dense parameters (every weight of the model counts alike);
+    ``matrices``: one per member matrix; ``energy``: by ``||R W||^2`` (the absolute
+    functional error, summed over the model).
+    """
+    if weighting == "params":
+        return float(curve.d1 * curve.d2)
+    if weighting == "matrices":
+        return float(len(curve.layers))
+    if weighting == "energy":
+        return curve.energy
+    raise ValueError(f"proxy weighting must be one of {', '.join(WEIGHTS)}, got {weighting!r}")
