@@ -183,3 +183,45 @@ def layer_records(records: dict, skeleton_prefix: str, layer: int) -> dict:
         if layer in record["layers"]:
             out[module_path(skeleton_prefix, layer, projection)] = record
     return out
+
+
+def format_allocation(records: dict[str, dict], title: str = "allocation") -> str:
+    """One line per matrix: method, k / s or r, bytes, predicted and achieved error."""
+    lines = [f"{title} (errors: relative squared functional, ||R(W - W_hat)||^2 / ||RW||^2)",
+             f"  {'matrix':<40}{'method':>11}{'k':>6}{'s':>6}{'r':>6}{'bytes':>10}"
+             f"{'predicted':>11}{'achieved':>10}"]
+    counts: dict[str, int] = {}
+    for name, record in records.items():
+        method = record.get("method", "?")
+        counts[method] = counts.get(method, 0) + 1
+        achieved = record.get("achieved")
+        lines.append(f"  {name:<40}{method:>11}{record.get('k') or '-':>6}"
+                     f"{record.get('s') or '-':>6}{record.get('r') or '-':>6}"
+                     f"{record.get('bytes', 0):>10}{record.get('predicted', 0.0):>11.4f}"
+                     f"{'-' if achieved is None else f'{achieved:.4f}':>10}")
+    lines.append("  methods: " + ", ".join(f"{n} {m}" for m, n in sorted(counts.items())))
+    return "\n".join(lines)
+
+
+def plan_records(summary: dict) -> dict[str, dict]:
+    """allocation.json's units as format_allocation records (chosen option, predicted)."""
+    out = {}
+    for key, unit in summary["units"].items():
+        chosen = dict(unit["chosen"])
+        chosen["predicted"] = chosen.pop("error")
+        out[key] = chosen
+    return out
+
+
+def dry_run_allocation(work_root: Path) -> str:
+    """What ``--dry-run`` can say about a global allocation before or after it ran."""
+    path = Path(work_root) / "allocation.json"
+    if not path.is_file():
+        return ("allocation global: budget = the bytes of the uniform plan above; each "
+                "matrix's method and size are chosen after the curve pass (it needs the "
+                "calibration Grams), then shown here and by `cospadi inspect`")
+    summary = json.loads(path.read_text())
+    head = (f"allocation global (from {path}): {summary['bytes']} of {summary['budget']} "
+            f"bytes, proxy {summary['proxy']:.5f} against uniform "
+            f"{summary['uniform_proxy']:.5f}, optimality gap <= {summary['gap']:.2g}")
+    return head + "\n" + format_allocation(plan_records(summary), "chosen per matrix")

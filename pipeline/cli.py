@@ -167,6 +167,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for layer, figures in report["layers"].items():
         print(f"  layer {layer:>4}: params {figures['kept_params']:.4f}, "
               f"bytes {figures['kept_bytes']:.4f}")
+    if "allocation" in report:
+        from .allocation_tasks import format_allocation
+
+        print(format_allocation(report["allocation"]))
     return 0
 
 

@@ -124,7 +124,12 @@ def preflight(cfg: CompressConfig) -> tuple[Path, ModelSkeleton, ShardReader]:
 
 def dry_run(cfg: CompressConfig) -> str:
     _, skeleton, reader = preflight(cfg)
-    return format_plan(cfg, make_plan(cfg, skeleton, reader))
+    text = format_plan(cfg, make_plan(cfg, skeleton, reader))
+    if cfg.allocation == "global":
+        from .allocation_tasks import dry_run_allocation
+
+        text += "\n" + dry_run_allocation(cfg.work_path)
+    return text
 
 
 def compress(cfg: CompressConfig, restart: bool = False, progress: bool = True
