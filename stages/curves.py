@@ -107,31 +107,40 @@ def svd_options(sigma: torch.Tensor, d1: int, d2: int) -> list[Option]:
 
 def dictionary_ladder(d1: int, d2: int, rhos: tuple[float, ...] = DEFAULT_RHOS,
                       fractions: tuple[float, ...] = DEFAULT_FRACTIONS
-                      ) -> list[tuple[int, int]]:
-    """Distinct (k, s) of the ladder, k <= d1 (an orthonormal dictionary), below dense."""
+                      ) -> dict[int, list[int]]:
+    """``{k: [s, ...]}``: k from the kept ``fractions`` at rho = 2 (k <= d1, an
+    orthonormal dictionary), s = k / rho for every rho, below the dense size."""
     dense = DENSE_BYTES_PER_PARAM * d1 * d2
-    shapes = set()
-    for rho in rhos:
-        for kept in fractions:
-            shape = dictionary_shape(d1, d2, 1.0 - kept, rho)
-            if shape.k <= d1 and dictionary_bytes(d1, d2, shape.k, shape.s) < dense:
-                shapes.add((shape.k, shape.s))
-    return sorted(shapes)
+    ladder: dict[int, set[int]] = {}
+    for kept in fractions:
+        k = dictionary_shape(d1, d2, 1.0 - kept, 2.0).k
+        if k > d1:
+            continue
+        for rho in rhos:
+            s = int(min(max(round(k / rho), 1), k))
+            if dictionary_bytes(d1, d2, k, s) < dense:
+                ladder.setdefault(k, set()).add(s)
+    return {k: sorted(ss) for k, ss in sorted(ladder.items())}
 
 
-def threshold_errors(codes: torch.Tensor, total: float, shapes: list[tuple[int, int]]
-                     ) -> list[float]:
-    """Relative error of the orthonormal warm start at each (k, s).
+def threshold_errors(codes: torch.Tensor, total: float, ladder: dict[int, list[int]]
+                     ) -> dict[tuple[int, int], float]:
+    """Relative error of the orthonormal warm start at each (k, s) of ``ladder``.
 
     ``codes`` = ``Sigma V^T`` (rank x d2, rows by decreasing singular value), ``total`` =
-    ``||W_L||^2``. Atoms beyond the rank add nothing (their codes are zero).
+    ``||W_L||^2``. Atoms beyond the rank add nothing (their codes are zero). One sorted
+    top-(max s) per k serves every s of that k (cumulative sums of the kept energy); the
+    codes are transposed so each column's entries are contiguous for the selection.
     """
-    power = codes.to(torch.float64).square()
-    errors = []
-    for k, s in shapes:
-        rows = power[:min(k, power.shape[0])]
-        kept = torch.topk(rows, min(s, rows.shape[0]), dim=0, sorted=False).values.sum()
-        errors.append(max(0.0, total - float(kept)) / total if total else 0.0)
+    power = codes.to(torch.float64).square().T.contiguous()  # d2 x rank
+    errors = {}
+    for k, ss in ladder.items():
+        rows = power[:, :min(k, power.shape[1])]
+        top = torch.topk(rows, min(max(ss), rows.shape[1]), dim=1, sorted=True).values
+        kept = torch.cumsum(top.sum(dim=0), 0)
+        for s in ss:
+            energy = float(kept[min(s, kept.shape[0]) - 1])
+            errors[(k, s)] = max(0.0, total - energy) / total if total else 0.0
     return errors
 
 
@@ -148,9 +157,11 @@ def unit_curve(projection: str, layers: tuple[int, ...], whitened: torch.Tensor,
     total = float(sigma.square().sum())
     options = svd_options(sigma, d1, d2)
     if with_dictionary:
-        shapes = sorted(set(dictionary_ladder(d1, d2, rhos, fractions)) | set(extra))
-        codes = sigma[:, None] * vh
-        for (k, s), error in zip(shapes, threshold_errors(codes, total, shapes), strict=True):
+        ladder = dictionary_ladder(d1, d2, rhos, fractions)
+        for k, s in extra:
+            ladder[k] = sorted(set(ladder.get(k, [])) | {s})
+        errors = threshold_errors(sigma[:, None] * vh, total, ladder)
+        for (k, s), error in sorted(errors.items()):
             options.append(Option("dictionary", dictionary_bytes(d1, d2, k, s), error,
                                   k=k, s=s))
     options.append(dense_option(d1, d2))
