@@ -144,6 +144,24 @@ def threshold_errors(codes: torch.Tensor, total: float, ladder: dict[int, list[i
     return errors
 
 
+def spectrum(whitened: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values (descending) and codes ``U^T W_L = Sigma V^T`` (rank x d2).
+
+    From the eigen-decomposition of the smaller Gram of ``W_L`` (3-4x faster than its SVD
+    here); squaring loses relative accuracy only on singular values below ~1e-8 of the
+    largest, whose energy is far below any error the curves resolve.
+    """
+    d1, d2 = whitened.shape
+    if d1 <= d2:
+        values, vectors = torch.linalg.eigh(whitened @ whitened.T)
+        values, vectors = values.flip(0), vectors.flip(1)
+        return values.clamp_min(0.0).sqrt(), vectors.T @ whitened
+    values, vectors = torch.linalg.eigh(whitened.T @ whitened)
+    values, vectors = values.flip(0), vectors.flip(1)
+    sigma = values.clamp_min(0.0).sqrt()
+    return sigma, sigma[:, None] * vectors.T
+
+
 def unit_curve(projection: str, layers: tuple[int, ...], whitened: torch.Tensor,
                rhos: tuple[float, ...] = DEFAULT_RHOS,
                fractions: tuple[float, ...] = DEFAULT_FRACTIONS,
@@ -153,14 +171,14 @@ def unit_curve(projection: str, layers: tuple[int, ...], whitened: torch.Tensor,
     more dictionary (k, s) to include (the uniform plan's)."""
     whitened = whitened.to(torch.float64)
     d1, d2 = whitened.shape
-    _, sigma, vh = torch.linalg.svd(whitened, full_matrices=False)
-    total = float(sigma.square().sum())
+    sigma, codes = spectrum(whitened)
+    total = float(whitened.square().sum())
     options = svd_options(sigma, d1, d2)
     if with_dictionary:
         ladder = dictionary_ladder(d1, d2, rhos, fractions)
         for k, s in extra:
             ladder[k] = sorted(set(ladder.get(k, [])) | {s})
-        errors = threshold_errors(sigma[:, None] * vh, total, ladder)
+        errors = threshold_errors(codes, total, ladder)
         for (k, s), error in sorted(errors.items()):
             options.append(Option("dictionary", dictionary_bytes(d1, d2, k, s), error,
                                   k=k, s=s))
