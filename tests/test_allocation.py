@@ -147,12 +147,13 @@ def test_svd_chosen_where_it_wins_holds_at_equal_bytes():
     plan = plan_budgets([curve], spec, "params")
     chosen, uniform = plan.chosen(0), curve.options[uniform_index(curve, spec)]
     assert chosen.method == "lowrank" and chosen.r >= 8
-    assert chosen.bytes <= uniform.bytes and chosen.error < 1e-20
+    # exact up to the eigen route's rounding of the energy (~1e-15 of the total)
+    assert chosen.bytes <= uniform.bytes and chosen.error < 1e-12
     identity = whitening_from_gram(torch.eye(d1, dtype=torch.float64))
     settings = SolverSettings(iters=4)
     _, achieved_svd = factorize_option([w], identity, settings, chosen)
     _, achieved_dict = factorize_option([w], identity, settings, uniform)
-    assert achieved_svd == pytest.approx(chosen.error, abs=1e-12)  # SVD curve is exact
+    assert achieved_svd == pytest.approx(chosen.error, abs=1e-10)  # SVD curve is exact
     assert achieved_svd < 1e-10 < achieved_dict
 
 
