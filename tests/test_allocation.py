@@ -131,6 +131,25 @@ def test_moves_budget_from_the_easy_to_the_hard_matrix():
     assert plan.allocation.value < 0.6 * plan.uniform_value
 
 
+def test_proxy_is_the_weighted_mean_relative_error():
+    """The proxy of an assignment is sum_i w_i e_i with w_i normalised to sum 1: with the
+    'params' weighting a unit twice the size counts twice, with 'matrices' alike."""
+    small = unit_curve("self_attn.k_proj", (0,), synthetic("hard", 32, 16, seed=7))
+    large = unit_curve("mlp.up_proj", (0,), synthetic("hard", 32, 32, seed=8))
+    spec = UniformSpec("cospadi", 0.4, 2.0)
+    for weighting, expected in (("params", (1 / 3, 2 / 3)), ("matrices", (0.5, 0.5))):
+        plan = plan_budgets([small, large], spec, weighting)
+        assert plan.weights == pytest.approx(list(expected))
+        value = sum(w * plan.chosen(i).error for i, w in enumerate(plan.weights))
+        assert plan.allocation.value == pytest.approx(value)
+        uniform = sum(w * c.options[i].error
+                      for w, c, i in zip(plan.weights, (small, large), plan.uniform,
+                                         strict=True))
+        assert plan.uniform_value == pytest.approx(uniform)
+    energy = plan_budgets([small, large], spec, "energy").weights
+    assert energy[1] / energy[0] == pytest.approx(large.energy / small.energy)
+
+
 def test_svd_chosen_where_it_wins_holds_at_equal_bytes():
     """An exactly rank-8 matrix with spread-out singular vectors: at ratio 0.8 rank 8 fits
     the uniform dictionary's bytes and is exact, while that dictionary (s = 6 < 8 codes
@@ -222,6 +241,14 @@ def test_pipeline_global_allocation(tiny, capsys):
     assert "allocation global" in out and "predicted" in out
     assert main(["inspect", str(glob)]) == 0
     assert "achieved" in capsys.readouterr().out
+    # per-group runs allocate per group matrix: q, k, v, gate, up shared, o and down per layer
+    grouped = root / "grouped"
+    assert main(compress_args(model, text, grouped, "--allocation", "global",
+                              "--group-size", "2")) == 0
+    units = json.loads((root / "grouped.work" / "allocation.json").read_text())["units"]
+    assert len(units) == 5 + 2 * 2
+    assert units["self_attn.q_proj@0-1"]["d2"] == 2 * 64
+    assert AutoModelForCausalLM.from_pretrained(grouped, trust_remote_code=True) is not None
 
 
 def test_global_resume_and_fingerprint(tiny, capsys):
