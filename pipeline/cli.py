@@ -29,9 +29,12 @@ COMPRESS_FLAGS: dict[str, tuple[Any, str]] = {
     "--method": (str, "cospadi | svd-llm"),
     "--ratio": (float, "compression ratio: fraction of projection parameters removed"),
     "--rho": (float, "atoms per non-zero (k / s)"),
-    "--iters": (int, "K-SVD iterations"),
-    "--power-iters": (int, "power iterations per atom update"),
-    "--omp-atoms-per-step": (int, "1: exact OMP; b > 1: gOMP, b atoms per step (faster)"),
+    "--solver": (str, "closed (default: closed-form, fast) | ksvd (the paper's K-SVD)"),
+    "--iters": (int, "solver iterations (default: 20 closed, 60 ksvd)"),
+    "--refine-iters": (int, "closed: least-squares rounds on the fixed support"),
+    "--power-iters": (int, "ksvd: power iterations per atom update"),
+    "--omp-atoms-per-step": (int, "ksvd: 1 exact OMP; b > 1 gOMP, b atoms per step (faster)"),
+    "--omp-memory": (str, "ksvd: OMP working memory, e.g. 4GB (default: from free memory)"),
     "--seed": (int, "solver seed"),
     "--group-size": (int, "consecutive blocks sharing q,k,v,gate,up dictionaries"),
     "--calib-text": (str, "UTF-8 calibration text file"),
@@ -167,6 +170,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for layer, figures in report["layers"].items():
         print(f"  layer {layer:>4}: params {figures['kept_params']:.4f}, "
               f"bytes {figures['kept_bytes']:.4f}")
+    diagnosed = {name: m["diagnostics"] for name, m in report["modules"].items()
+                 if "diagnostics" in m}
+    if diagnosed:
+        print("relative whitened functional error ||X (W - W_hat)|| / ||X W|| per projection "
+              "(SVD-LLM's at the same budget in brackets):")
+        for name, figures in diagnosed.items():
+            svd = figures.get("svd_llm_error")
+            print(f"  {name}: {figures.get('error', float('nan')):.4f}"
+                  + (f" ({svd:.4f})" if svd is not None else ""))
     if "allocation" in report:
         from .allocation_tasks import format_allocation
 

@@ -29,9 +29,12 @@ class CompressConfig:
     method: str = "cospadi"  # cospadi | svd-llm
     ratio: float = 0.3  # compression ratio gamma: fraction of parameters removed
     rho: float = 2.0  # atoms per non-zero, k / s
-    iters: int = 60  # K-SVD iterations
-    power_iters: int = 8
-    omp_atoms_per_step: int = 1  # 1: exact OMP; b > 1: gOMP (about b x faster, worse codes)
+    solver: str = "closed"  # dictionary solver: closed (default, fast) | ksvd (the paper's)
+    iters: int | None = None  # solver iterations (None: 20 for closed, 60 for ksvd)
+    refine_iters: int = 4  # closed: least-squares rounds on the fixed support
+    power_iters: int = 8  # ksvd: power iterations per atom update
+    omp_atoms_per_step: int = 1  # ksvd: 1 exact OMP; b > 1 gOMP (about b x faster, worse codes)
+    omp_memory: str | None = None  # ksvd: OMP working memory, e.g. 4GB (None: from free memory)
     seed: int = 42
     group_size: int = 1  # consecutive blocks sharing q, k, v, gate, up dictionaries
     calib_text: str | None = None
@@ -88,8 +91,8 @@ class CompressConfig:
 
     def fingerprint_settings(self) -> dict[str, Any]:
         """Settings that change the outputs (resuming with other values would mix runs)."""
-        keep = ("method", "ratio", "rho", "iters", "power_iters", "omp_atoms_per_step", "seed",
-                "group_size",
+        keep = ("method", "ratio", "rho", "solver", "iters", "refine_iters", "power_iters",
+                "omp_atoms_per_step", "seed", "group_size",
                 "calib_samples", "seq_len", "micro_batch", "propagate",
                 "attn_implementation", "shard_size")
         settings = {key: getattr(self, key) for key in keep}
@@ -102,6 +105,7 @@ class CompressConfig:
 
 CHOICES = {
     "method": ("cospadi", "svd-llm"),
+    "solver": ("closed", "ksvd"),
     "propagate": ("original", "compressed"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "attn_implementation": ("auto", "sdpa", "eager"),
@@ -122,8 +126,10 @@ def validate(cfg: CompressConfig) -> None:
     for key in ("iters", "power_iters", "omp_atoms_per_step", "group_size", "calib_samples",
                 "seq_len",
                 "micro_batch", "workers", "max_inflight"):
-        if getattr(cfg, key) < 1:
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise ConfigError(f"{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.refine_iters < 0:
+        raise ConfigError(f"refine-iters must be >= 0, got {cfg.refine_iters}")
     if cfg.allocation == "global" and cfg.propagate == "compressed":
         raise ConfigError("allocation global needs every block's Grams before the first "
                           "factorisation; it cannot be combined with propagate compressed")
@@ -135,6 +141,11 @@ def validate(cfg: CompressConfig) -> None:
         parse_size(cfg.shard_size)
     except ValueError as err:
         raise ConfigError(f"shard-size: {err}") from err
+    if cfg.omp_memory is not None:
+        try:
+            parse_size(cfg.omp_memory)
+        except ValueError as err:
+            raise ConfigError(f"omp-memory: {err}") from err
     device = cfg.device
     if not (device in ("auto", "cpu", "cuda") or
             (device.startswith("cuda:") and device[5:].isdigit())):

@@ -237,19 +237,45 @@ def _group_whitening():
     return group_whitening
 
 
+OMP_MEMORY_SHARE = 0.25  # of the device's free memory, when omp_memory is not set
+OMP_MEMORY_FLOOR = 256 << 20
+
+
+def free_device_memory(device: str) -> int:
+    """Bytes free now on ``device`` (CUDA: the driver's count; CPU: available RAM)."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def omp_memory_bytes(config: CompressConfig, device: str) -> int:
+    """K-SVD's OMP working memory: as set, else a share of the device's free memory (a
+    fixed 1 GiB made 70B shapes run thousands of skinny chunks)."""
+    from ..storage.hf_checkpoint import parse_size
+
+    if config.omp_memory is not None:
+        return parse_size(config.omp_memory)
+    return max(OMP_MEMORY_FLOOR, int(OMP_MEMORY_SHARE * free_device_memory(device)))
+
+
 def solver_settings(job: Job):
     from ..stages.factorize import SolverSettings
 
     cfg = job.config
-    return SolverSettings(method=cfg.method, ratio=cfg.ratio, rho=cfg.rho, iters=cfg.iters,
+    memory = omp_memory_bytes(cfg, job.device) if cfg.solver == "ksvd" else OMP_MEMORY_FLOOR
+    return SolverSettings(method=cfg.method, ratio=cfg.ratio, rho=cfg.rho, solver=cfg.solver,
+                          iters=cfg.iters, refine_iters=cfg.refine_iters,
                           power_iters=cfg.power_iters, seed=cfg.seed, device=job.device,
-                          atoms_per_step=cfg.omp_atoms_per_step)
+                          atoms_per_step=cfg.omp_atoms_per_step, omp_memory_bytes=memory)
 
 
 def factor_metadata(job: Job, layer: int, group: tuple[int, ...]) -> dict:
     cfg = job.config
     return {"block": layer, "group": list(group), "method": cfg.method, "ratio": cfg.ratio,
-            "rho": cfg.rho, "iters": cfg.iters, "propagate": cfg.propagate}
+            "rho": cfg.rho, "solver": cfg.solver, "iters": cfg.iters,
+            "propagate": cfg.propagate}
 
 
 @task
@@ -291,12 +317,14 @@ def run_factor(job: Job, group_index: int, *_deps: object) -> str:
     for layer in layers:
         factors = {module_path(skeleton.base_prefix, layer, proj): f
                    for proj, f in result.factors[layer].items()}
+        diagnostics = {module_path(skeleton.base_prefix, layer, proj): d
+                       for proj, d in result.diagnostics[layer].items()}
         metadata = factor_metadata(job, layer, layers)
         if allocated is not None:
             from .allocation_tasks import layer_records
 
             metadata["allocation"] = layer_records(allocated, skeleton.base_prefix, layer)
-        write_block_factors(work.factors(layer), factors, metadata)
+        write_block_factors(work.factors(layer), factors, metadata, diagnostics=diagnostics)
     unusual = [s for s in result.solves if s["whitening"] != "cholesky"]
     for solve in unusual:
         log.warning("layers %s %s: Gram singular or indefinite, whitened by %s (shift %.3g)",

@@ -1,5 +1,8 @@
 """Factorise a unit at the option the allocation chose for it (dictionary, low-rank, dense).
 
+Dictionaries are solved by the configured solver (``solvers.py``: the closed-form solver
+by default, refining from the same warm start the curves priced).
+
 Same contract as :func:`stages.factorize.factorize_whitened` (whitened once, solved once,
 sliced back per member), but the shape comes from the option, not from the ratio; a dense
 option returns ``None`` (the projection stays as it is in the checkpoint). The achieved
@@ -13,7 +16,7 @@ import torch
 from .curves import Option
 from .factorize import GroupResult, SolverSettings, check_weights
 from .factors import DictionaryFactors, Factors, LowRankFactors
-from .ksvd import ksvd
+from .solvers import dictionary_solver
 from .whitening import Whitening
 
 
@@ -33,12 +36,10 @@ def _lowrank(whitened: torch.Tensor, whitening: Whitening, r: int) -> LowRankFac
 
 def _dictionary(whitened: torch.Tensor, whitening: Whitening, k: int, s: int,
                 settings: SolverSettings) -> DictionaryFactors:
-    result = ksvd(whitened.to(settings.dtype), k, s, iters=settings.iters,
-                  power_iters=settings.power_iters, seed=settings.seed,
-                  omp_chunk=settings.omp_chunk, atoms_per_step=settings.atoms_per_step)
-    dictionary = whitening.unwhiten(result.dictionary.to(torch.float64))
-    return DictionaryFactors(dictionary.float().cpu(), result.support.cpu(),
-                             result.values.float().cpu())
+    solution = dictionary_solver(settings.solver)(whitened, k, s, settings)
+    dictionary = whitening.unwhiten(solution.dictionary.to(torch.float64))
+    return DictionaryFactors(dictionary.float().cpu(), solution.support.cpu(),
+                             solution.values.float().cpu())
 
 
 def factorize_option(weights: list[torch.Tensor], whitening: Whitening,
@@ -65,4 +66,6 @@ def factorize_option(weights: list[torch.Tensor], whitening: Whitening,
     for w in weights:
         members.append(factors.column_slice(start, start + w.shape[1]))
         start += w.shape[1]
-    return GroupResult(members, whitening.path, {"whitening_shift": whitening.shift}), error
+    # "error" as the solvers' diagnostics state it: ||R (W - W_hat)|| / ||R W||, not squared
+    stats = {"whitening_shift": whitening.shift, "error": error ** 0.5}
+    return GroupResult(members, whitening.path, stats), error

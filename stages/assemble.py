@@ -347,6 +347,8 @@ def inspect_model(model_dir: str | os.PathLike) -> dict:
         modules[name] = dict(kind=spec["kind"], **shape,
                              shared_dictionary="dictionary_from" in spec,
                              **_figures(params, nbytes, spec["d1"] * spec["d2"]))
+        if "diagnostics" in spec:  # the solver's achieved and SVD-LLM's whitened errors
+            modules[name]["diagnostics"] = spec["diagnostics"]
     allocation = config["cospadi"].get("allocation", {})
     for name, record in allocation.items():
         if record.get("method") == "dense" and name not in modules:

@@ -28,10 +28,16 @@ def plan_groups(num_layers: int, group_size: int) -> list[tuple[int, ...]]:
             for start in range(0, num_layers, group_size)]
 
 
+DIAGNOSTICS = ("error", "svd_llm_error")  # relative whitened functional errors
+
+
 @dataclass
 class GroupFactors:
     factors: dict[int, dict[str, Factors]]  # layer -> projection -> factors
     solves: list[dict] = field(default_factory=list)  # one record per solver call
+    # layer -> projection -> achieved error and SVD-LLM's at the same budget (a shared
+    # solve's figures, over the whole group, are repeated for each member)
+    diagnostics: dict[int, dict[str, dict]] = field(default_factory=dict)
 
 
 def solve_units(layers: Sequence[int]) -> list[tuple[str, tuple[int, ...]]]:
@@ -60,17 +66,20 @@ def compress_group(layers: Sequence[int],
     ``unit_solver(projection, members)``, if given, picks the solver of each unit (the
     allocated budgets); None keeps that unit dense (no factors).
     """
-    result = GroupFactors({layer: {} for layer in layers})
+    result = GroupFactors({layer: {} for layer in layers}, [], {layer: {} for layer in layers})
     for projection, members in solve_units(layers):
         input_name = INPUT_OF[projection]
         solve = solver if unit_solver is None else unit_solver(projection, members)
         if solve is None:
             continue
         solved = solve([weight(layer, projection) for layer in members],
-                        whitening(members, input_name), settings)
+                       whitening(members, input_name), settings)
+        figures = {key: float(solved.stats[key]) for key in DIAGNOSTICS if key in solved.stats}
         for layer, factors in zip(members, solved.factors, strict=True):
             result.factors[layer][projection] = factors
+            result.diagnostics[layer][projection] = figures
         result.solves.append({"projection": projection, "layers": list(members),
                               "whitening": solved.whitening_path,
-                              "shift": float(solved.stats.get("whitening_shift", 0.0))})
+                              "shift": float(solved.stats.get("whitening_shift", 0.0)),
+                              **figures})
     return result

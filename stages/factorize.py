@@ -4,6 +4,13 @@ A group is a list of weight matrices (math layout, d1 x d2_i, i.e. ``linear.weig
 sharing one input space. Per-layer compression is a group of one. For a group the
 matrices are concatenated along d2, whitened with the mean of the members' Grams, solved
 once, and the result is sliced back per member (METHOD.md, per-group variant).
+
+Gram averaging has one semantics: every Gram handed in is per token (``X^T X / N``, as
+the pipeline divides each block's Gram by its token count), and a group's Gram is their
+plain mean, each member counting equally whatever its token count.
+
+The dictionary solver is picked by name (``solvers.py``); every dictionary solve records
+its relative whitened functional error and SVD-LLM's at the same budget (``stats``).
 """
 
 from __future__ import annotations
@@ -14,8 +21,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .factors import DictionaryFactors, Factors, LowRankFactors
-from .ksvd import ksvd
+from .omp import DEFAULT_MEMORY_BYTES
 from .sizing import dictionary_shape, svd_rank
+from .solvers import SOLVERS, default_iters, dictionary_solver
+from .supports import SUPPORT_RULES
 from .whitening import Whitening, whitening_from_gram
 
 
@@ -24,10 +33,14 @@ class SolverSettings:
     method: str = "cospadi"  # "cospadi" or "svd-llm"
     ratio: float = 0.3
     rho: float = 2.0
-    iters: int = 60
-    power_iters: int = 8
+    solver: str = "closed"  # dictionary solver (solvers.py): "closed" or "ksvd"
+    iters: int | None = None  # solver iterations (None: the solver's default)
+    refine_iters: int = 4  # closed solver: least-squares rounds on the fixed support
+    support: str = "top-s"  # closed solver: support rule (supports.py)
+    power_iters: int = 8  # ksvd: power iterations per atom update
     seed: int = 42
-    omp_chunk: int = 8192  # columns coded at once (upper bound; memory may lower it)
+    omp_chunk: int = 8192  # ksvd: columns coded at once (upper bound; memory may lower it)
+    omp_memory_bytes: int = DEFAULT_MEMORY_BYTES  # ksvd: OMP working memory per chunk
     atoms_per_step: int = 1  # 1: exact OMP; b > 1: gOMP, ~b x faster, somewhat worse codes
     device: str = "cpu"
     dtype: torch.dtype = torch.float32  # working precision of K-SVD (Grams stay float64)
@@ -35,16 +48,30 @@ class SolverSettings:
     def __post_init__(self) -> None:
         if self.method not in ("cospadi", "svd-llm"):
             raise ValueError(f"method must be 'cospadi' or 'svd-llm', got {self.method!r}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {', '.join(sorted(SOLVERS))}, "
+                             f"got {self.solver!r}")
+        if self.support not in SUPPORT_RULES:
+            raise ValueError(f"support must be one of {', '.join(sorted(SUPPORT_RULES))}, "
+                             f"got {self.support!r}")
         if not (0.0 < self.ratio < 1.0):
             raise ValueError(f"ratio must lie in (0, 1), got {self.ratio}")
         if not self.rho >= 1.0:
             raise ValueError(f"rho must be >= 1, got {self.rho}")
-        if self.iters < 1:
+        if self.iters is not None and self.iters < 1:
             raise ValueError(f"iters must be >= 1, got {self.iters}")
+        if self.refine_iters < 0:
+            raise ValueError(f"refine_iters must be >= 0, got {self.refine_iters}")
+        if self.omp_memory_bytes < 1:
+            raise ValueError(f"omp_memory_bytes must be >= 1, got {self.omp_memory_bytes}")
         if self.atoms_per_step < 1:
             raise ValueError(f"atoms_per_step must be >= 1, got {self.atoms_per_step}")
         if self.power_iters < 1:
             raise ValueError(f"power_iters must be >= 1, got {self.power_iters}")
+
+    @property
+    def solver_iters(self) -> int:
+        return default_iters(self.solver) if self.iters is None else self.iters
 
 
 @dataclass
@@ -55,7 +82,7 @@ class GroupResult:
 
 
 def mean_gram(grams: Iterable[torch.Tensor], owned: bool = False) -> torch.Tensor:
-    """The members' mean Gram in float64, summed one Gram at a time, so a generator that
+    """The members' mean (per-token) Gram in float64, summed one Gram at a time, so a generator that
     loads each from disk holds at most two d x d matrices; a lone float64 Gram is returned
     as is (for a 70B down_proj each copy is 6.6 GB). Inputs are not modified unless
     ``owned`` (fresh float64 Grams the caller discards): then the sum goes into the first."""
@@ -96,7 +123,7 @@ def group_whitening(grams: Iterable[torch.Tensor], settings: SolverSettings,
 
 def factorize_group(weights: list[torch.Tensor], grams: list[torch.Tensor],
                     settings: SolverSettings) -> GroupResult:
-    """Compress the matrices of one group against the mean of their Grams."""
+    """Compress the matrices of one group against the mean of their per-token Grams."""
     if len(weights) != len(grams):
         raise ValueError(f"{len(weights)} weights but {len(grams)} Grams")
     return factorize_whitened(weights, group_whitening(grams, settings), settings)
@@ -117,7 +144,7 @@ def factorize_whitened(weights: list[torch.Tensor], whitening: Whitening,
     if settings.method == "svd-llm":
         factors, stats = _solve_svd(whitened, whitening, settings)
     else:
-        factors, stats = _solve_ksvd(whitened, whitening, settings)
+        factors, stats = _solve_dictionary(whitened, whitening, settings)
     members: list[Factors] = []
     start = 0
     for w in weights:
@@ -141,17 +168,28 @@ def _solve_svd(whitened: torch.Tensor, whitening: Whitening,
     root = sigma[:r].sqrt()
     left = whitening.unwhiten(u[:, :r] * root)
     right = root[:, None] * vh[:r]
-    return LowRankFactors(left.float().cpu(), right.float().cpu()), {"r": r}
+    error = _tail_error(sigma, r)
+    return LowRankFactors(left.float().cpu(), right.float().cpu()), {
+        "r": r, "error": error, "svd_llm_error": error}
 
 
-def _solve_ksvd(whitened: torch.Tensor, whitening: Whitening,
-                settings: SolverSettings) -> tuple[DictionaryFactors, dict]:
+def _tail_error(sigma: torch.Tensor, rank: int) -> float:
+    """Relative error of the best rank-``rank`` approximation (Eckart-Young)."""
+    energy = sigma.square()
+    total = energy.sum().item()
+    return (energy[rank:].sum().item() / total) ** 0.5 if total > 0 else 0.0
+
+
+def _solve_dictionary(whitened: torch.Tensor, whitening: Whitening,
+                      settings: SolverSettings) -> tuple[DictionaryFactors, dict]:
     d1, d2 = whitened.shape
     shape = dictionary_shape(d1, d2, settings.ratio, settings.rho)
-    result = ksvd(whitened.to(settings.dtype), shape.k, shape.s, iters=settings.iters,
-                  power_iters=settings.power_iters, seed=settings.seed,
-                  omp_chunk=settings.omp_chunk, atoms_per_step=settings.atoms_per_step)
-    dictionary = whitening.unwhiten(result.dictionary.to(torch.float64))
-    factors = DictionaryFactors(dictionary.float().cpu(), result.support.cpu(),
-                                result.values.float().cpu())
-    return factors, {"k": shape.k, "s": shape.s, "errors": result.errors}
+    solution = dictionary_solver(settings.solver)(whitened, shape.k, shape.s, settings)
+    stats = dict(solution.stats, solver=settings.solver)
+    if "svd_llm_error" not in stats:  # the closed solver has it from its warm start
+        rank = svd_rank(d1, d2, settings.ratio).r
+        stats["svd_llm_error"] = _tail_error(torch.linalg.svdvals(whitened), rank)
+    dictionary = whitening.unwhiten(solution.dictionary.to(torch.float64))
+    factors = DictionaryFactors(dictionary.float().cpu(), solution.support.cpu(),
+                                solution.values.float().cpu())
+    return factors, stats

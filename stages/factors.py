@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -67,3 +67,13 @@ class LowRankFactors:
 
 
 Factors = DictionaryFactors | LowRankFactors
+
+
+@dataclass
+class DictionarySolution:
+    """What a dictionary solver returns: ``whitened ~ dictionary @ S`` in whitened space."""
+
+    dictionary: torch.Tensor  # d1 x k
+    support: torch.Tensor  # s x d2 int64, ascending within each column
+    values: torch.Tensor  # s x d2
+    stats: dict = field(default_factory=dict)  # "error" (relative, whitened) and more

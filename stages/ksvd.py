@@ -5,10 +5,10 @@ the rank-1 approximation (power iteration, warm-started at the current atom) of 
 residual restricted to the columns that use it. The residual ``E = W - D S`` is updated in
 place atom by atom, never recomputed from ``D S`` inside the sweep.
 
-Monotonicity: the atom update cannot increase the error (power iteration from the current
-atom never lowers the Rayleigh quotient, and the new coefficients are least squares), but
-greedy OMP can code a column worse than the codes it replaces. Such columns keep their
-previous codes, so the error never rises from one iteration to the next.
+The atom update cannot increase the error (power iteration from the current atom never
+lowers the Rayleigh quotient, and the new coefficients are least squares), but greedy OMP
+can code a column worse than the codes it replaces: the paper's algorithm takes the fresh
+codes anyway, and so does this one (the error may rise slightly between iterations).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .omp import DEFAULT_MEMORY_BYTES, batch_omp, refit_codes
+from .omp import DEFAULT_MEMORY_BYTES, batch_omp
 
 COHERENCE = 0.99  # atoms closer than this to another atom are redundant
 REPLACE_STOP = 5  # iterations at the end with no atom replacement
@@ -53,7 +53,6 @@ def initial_dictionary(matrix: torch.Tensor, k: int, seed: int) -> torch.Tensor:
 
 def ksvd(matrix: torch.Tensor, k: int, s: int, iters: int, power_iters: int = 8, seed: int = 42,
          omp_chunk: int = 8192, memory_bytes: int = DEFAULT_MEMORY_BYTES,
-         callback=None, monotone: bool = False, omp_every: int = 1,
          atoms_per_step: int = 1) -> KSVDResult:
     """Learn ``D`` (d1 x k) and s-sparse codes for ``matrix`` (d1 x d2), in its dtype/device."""
     import time
@@ -63,28 +62,15 @@ def ksvd(matrix: torch.Tensor, k: int, s: int, iters: int, power_iters: int = 8,
         raise ValueError(f"need 1 <= s <= min(k, d1); got s={s}, k={k}, d1={d1}")
     dictionary = initial_dictionary(matrix, k, seed)
     norm = matrix.norm().item() or 1.0
-    codes = None
-    residual = None
     result = KSVDResult(dictionary, None, None)  # type: ignore[arg-type]
     sync = torch.cuda.synchronize if matrix.is_cuda else (lambda: None)
     for iteration in range(iters):
         sync()
         start = time.perf_counter()
         gram, correlations = dictionary.T @ dictionary, dictionary.T @ matrix
-        if codes is None or iteration % omp_every == 0:
-            fresh = batch_omp(gram, correlations, s, max_chunk=omp_chunk,
-                              memory_bytes=memory_bytes, atoms_per_step=atoms_per_step)
-        else:  # warm start: keep the supports, refit their coefficients (never worse)
-            fresh = refit_codes(gram, correlations, _support_of(codes, s), max_chunk=omp_chunk,
-                                memory_bytes=memory_bytes)
-        fresh_codes = fresh.dense(k)
-        fresh_residual = matrix - dictionary @ fresh_codes
-        if codes is None or not monotone:
-            codes, residual = fresh_codes, fresh_residual
-        else:
-            better = fresh_residual.norm(dim=0) <= residual.norm(dim=0)
-            codes = torch.where(better[None, :], fresh_codes, codes)
-            residual = torch.where(better[None, :], fresh_residual, residual)
+        codes = batch_omp(gram, correlations, s, max_chunk=omp_chunk,
+                          memory_bytes=memory_bytes, atoms_per_step=atoms_per_step).dense(k)
+        residual = matrix - dictionary @ codes
         sync()
         middle = time.perf_counter()
         update_atoms(dictionary, codes, residual, power_iters)
@@ -94,8 +80,6 @@ def ksvd(matrix: torch.Tensor, k: int, s: int, iters: int, power_iters: int = 8,
         result.seconds_omp += middle - start
         result.seconds_update += time.perf_counter() - middle
         result.errors.append(residual.norm().item() / norm)
-        if callback is not None:
-            callback(result.errors[-1])
     support = _support_of(codes, s)
     result.dictionary = dictionary
     result.support = support

@@ -39,9 +39,16 @@ class SparseCodes:
 
 
 def chunk_columns(k: int, s: int, itemsize: int, max_chunk: int,
-                  memory_bytes: int = DEFAULT_MEMORY_BYTES) -> int:
-    """Columns per chunk: per-column state is U (s x s), the q's (s x k), ~4 k-vectors."""
-    per_column = itemsize * (s * s + s * k + 4 * k + 2 * s) + 8 * s
+                  memory_bytes: int = DEFAULT_MEMORY_BYTES, atoms_per_step: int = 1) -> int:
+    """Columns per chunk from the per-column state. Exact OMP: the q's (s x k), the
+    triangle of U (~s^2 / 2 plus block padding), ~5 k-vectors. gOMP keeps no q's: the
+    triangle, ~5 k-vectors and two b x s step buffers, so its chunks are ~k / s x larger."""
+    triangle = s * (s + 32) // 2
+    if atoms_per_step == 1:
+        per_column = itemsize * (s * k + triangle + 5 * k + 2 * s)
+    else:
+        per_column = itemsize * (triangle + 5 * k + 2 * s + 2 * atoms_per_step * s)
+    per_column += 8 * s + k  # int64 support, bool selection mask
     return max(1, min(max_chunk, memory_bytes // per_column))
 
 
@@ -62,7 +69,8 @@ def batch_omp(gram: torch.Tensor, correlations: torch.Tensor, sparsity: int,
         raise ValueError(f"Gram {tuple(gram.shape)} does not match correlations {(k, n_columns)}")
     if not 1 <= sparsity <= k:
         raise ValueError(f"sparsity must be in [1, {k}], got {sparsity}")
-    chunk = chunk_columns(k, sparsity, correlations.element_size(), max_chunk, memory_bytes)
+    chunk = chunk_columns(k, sparsity, correlations.element_size(), max_chunk, memory_bytes,
+                          atoms_per_step)
     supports, values = [], []
     for start in range(0, n_columns, chunk):
         block = correlations[:, start:start + chunk].T.contiguous()
@@ -274,28 +282,3 @@ def _masked_cholesky(matrix: torch.Tensor,
                                                       lower[:, t, :t, None]).squeeze(2)
             lower[:, t + 1:, t] = torch.where(ok[:, None], below / root[:, None], 0.0)
     return lower, keep
-
-
-def refit_codes(gram: torch.Tensor, correlations: torch.Tensor, support: torch.Tensor,
-                max_chunk: int = 8192, memory_bytes: int = DEFAULT_MEMORY_BYTES) -> SparseCodes:
-    """Least-squares coefficients of every column on a fixed support (s x N).
-
-    The cheap sparse-coding step between full OMP sweeps: with the previous iteration's
-    supports it can only lower each column's error (the old coefficients are one feasible
-    point of the same least-squares problem). One batched Cholesky per chunk, all BLAS-3.
-    """
-    s, n_columns = support.shape
-    itemsize = correlations.element_size()
-    chunk = max(1, min(max_chunk, memory_bytes // (itemsize * (2 * s * s + 2 * s) + 8 * s)))
-    values = torch.empty(s, n_columns, dtype=correlations.dtype, device=correlations.device)
-    for start in range(0, n_columns, chunk):
-        rows = support[:, start:start + chunk].T  # N x s
-        sub_gram = gram[rows.unsqueeze(2), rows.unsqueeze(1)]  # N x s x s
-        rhs = correlations[:, start:start + chunk].T.gather(1, rows).unsqueeze(2)
-        lower, info = torch.linalg.cholesky_ex(sub_gram)
-        solution = torch.cholesky_solve(rhs, lower).squeeze(2)
-        bad = info != 0
-        if bad.any():  # dependent atoms on this support: least-norm solution instead
-            solution[bad] = torch.linalg.lstsq(sub_gram[bad], rhs[bad]).solution.squeeze(2)
-        values[:, start:start + chunk] = solution.T
-    return SparseCodes(support, values)

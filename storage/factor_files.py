@@ -14,7 +14,8 @@ The safetensors metadata holds a single key, ``cospadi``, whose value is sorted 
 
     {"format": "cospadi-factors", "version": 1, "metadata": {...caller's...},
      "modules": {"<module>": {"kind": "dictionary", "d1": .., "d2": .., "k": .., "s": ..,
-                              "bias": false, "dictionary_from": "<owner module>"?},
+                              "bias": false, "dictionary_from": "<owner module>"?,
+                              "diagnostics": {"error": .., "svd_llm_error": ..}?},
                  "<module>": {"kind": "lowrank", "d1": .., "d2": .., "r": .., "bias": false}}}
 
 A single key matters: safetensors writes metadata keys in hash order, so several keys would
@@ -107,9 +108,14 @@ def expected_tensors(name: str, spec: dict) -> dict[str, tuple[torch.dtype, tupl
 
 def write_block_factors(path: str | os.PathLike, factors: dict[str, Factors],
                         metadata: dict | None = None,
-                        biases: dict[str, torch.Tensor] | None = None) -> None:
-    """Write one block's factors atomically; the same input always gives the same bytes."""
+                        biases: dict[str, torch.Tensor] | None = None,
+                        diagnostics: dict[str, dict] | None = None) -> None:
+    """Write one block's factors atomically; the same input always gives the same bytes.
+
+    ``diagnostics``: per module, figures kept in its header entry (and carried into the
+    assembled model's config by assembly), e.g. the solver's achieved error."""
     biases = biases or {}
+    diagnostics = diagnostics or {}
     unknown = set(biases) - set(factors)
     if unknown:
         raise ValueError(f"biases given for modules without factors: {sorted(unknown)}")
@@ -126,6 +132,8 @@ def write_block_factors(path: str | os.PathLike, factors: dict[str, Factors],
                 del module_tensors[key]
             else:
                 owners[digest] = name
+        if name in diagnostics:
+            spec["diagnostics"] = dict(diagnostics[name])
         bias = biases.get(name)
         spec["bias"] = bias is not None
         if bias is not None:

@@ -1,0 +1,195 @@
+"""The closed-form dictionary solver (``--solver closed``) and its place in the pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_solvers import functional_error, generator, union_of_subspaces
+from tiny_models import calib_text, make_model
+
+from cospadi.pipeline.cli import main
+from cospadi.pipeline.compress import preflight
+from cospadi.pipeline.config import make_config
+from cospadi.pipeline.plan import make_plan
+from cospadi.stages.factorize import SolverSettings, factorize_layer
+from cospadi.stages.sizing import dictionary_shape, svd_rank
+from cospadi.stages.solver_closed import codes_on_support, solve_closed
+from cospadi.stages.supports import support_rule, top_s
+
+F64 = torch.float64
+
+
+def spectrum_matrix(d1: int, d2: int, seed: int, decay: float = 2.0) -> torch.Tensor:
+    """Random singular vectors with a decaying spectrum, like a whitened weight."""
+    gen = generator(seed)
+    left = torch.linalg.qr(torch.randn(d1, d1, generator=gen, dtype=F64)).Q
+    right = torch.randn(d1, d2, generator=gen, dtype=F64)
+    return (left * torch.logspace(0, -decay, d1, dtype=F64)) @ right
+
+
+def actual_error(matrix: torch.Tensor, solution) -> float:
+    k = solution.dictionary.shape[1]
+    codes = torch.zeros(k, matrix.shape[1], dtype=F64).scatter_(0, solution.support,
+                                                                  solution.values)
+    return ((matrix - solution.dictionary @ codes).norm() / matrix.norm()).item()
+
+
+CASES = {  # name: (matrix, ratio); "wide" and "wider" have k > d1
+    "random": (lambda: torch.randn(48, 96, generator=generator(1), dtype=F64), 0.3),
+    "spectrum": (lambda: spectrum_matrix(64, 160, seed=2), 0.3),
+    "tall": (lambda: spectrum_matrix(96, 40, seed=3)[:96, :40], 0.4),
+    "union": (lambda: union_of_subspaces(32, 256, 8, 4, seed=4), 0.3),
+    "wide": (lambda: torch.randn(16, 400, generator=generator(5), dtype=F64), 0.2),
+    "wider": (lambda: spectrum_matrix(8, 600, seed=6), 0.2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_never_worse_than_its_warm_start(name):
+    make, ratio = CASES[name]
+    matrix = make()
+    d1, d2 = matrix.shape
+    shape = dictionary_shape(d1, d2, ratio, 2.0)
+    solution = solve_closed(matrix, shape.k, shape.s, svd_rank=svd_rank(d1, d2, ratio).r)
+    stats = solution.stats
+    errors = stats["errors"]
+    # Every step solves its subproblem exactly (thresholding, Procrustes, least squares) or
+    # is kept per column only where it lowers the error: a rise would be float64 rounding
+    # of the ~1e-16-relative energies involved, so 1e-10 bounds it with a wide margin.
+    assert all(b <= a * (1 + 1e-10) + 1e-14 for a, b in zip(errors, errors[1:], strict=False))
+    assert stats["error"] <= stats["warm_error"] * (1 + 1e-10)
+    # the recorded error is the factors' true error (what inspect shows)
+    assert actual_error(matrix, solution) == pytest.approx(stats["error"], rel=1e-8, abs=1e-12)
+    # the format: k atoms, exactly s distinct ascending atoms per column
+    assert solution.dictionary.shape == (d1, shape.k)
+    assert solution.support.shape == (shape.s, d2)
+    assert (solution.support.diff(dim=0) > 0).all()
+    assert torch.isfinite(solution.dictionary).all() and torch.isfinite(solution.values).all()
+    # and it beats SVD-LLM at the same budget on these (spread-spectrum) matrices
+    assert stats["error"] < stats["svd_llm_error"]
+
+
+def test_k_larger_than_d1_uses_the_extra_atoms():
+    """k > d1: an orthonormal dictionary holds only d1 atoms. The extra atoms must be used
+    and pay: the error drops below the orthonormal d1-atom stage."""
+    matrix = torch.randn(16, 400, generator=generator(7), dtype=F64)
+    shape = dictionary_shape(16, 400, 0.2, 2.0)
+    assert shape.k > 16
+    solution = solve_closed(matrix, shape.k, shape.s)
+    used = torch.zeros(shape.k, dtype=torch.bool)
+    used[solution.support.flatten()] = True
+    assert used[16:].any()
+    alternation = solution.stats["errors"][solution.stats["alternation_iters"]]
+    # measured ~8 % lower; a broken extension (extras unused or refits rejected) gives 0 %
+    assert solution.stats["error"] < 0.97 * alternation
+
+
+def test_exact_recovery_of_a_planted_orthonormal_dictionary():
+    """W = D0 S0 with D0 orthonormal (k <= d1) and s-sparse codes: the solver must reach
+    W exactly (float64 rounding) and find every planted atom."""
+    d1, k, s, n = 40, 24, 4, 600
+    gen = generator(8)
+    atoms = torch.linalg.qr(torch.randn(d1, k, generator=gen, dtype=F64)).Q
+    support = torch.rand(k, n, generator=gen).argsort(dim=0)[:s]
+    values = (1 + torch.rand(s, n, generator=gen, dtype=F64)) * torch.randn(
+        s, n, generator=gen, dtype=F64).sign()
+    codes = torch.zeros(k, n, dtype=F64).scatter_(0, support, values)
+    matrix = atoms @ codes
+    solution = solve_closed(matrix, k, s, iters=50)
+    assert solution.stats["error"] < 1e-8
+    matched = (solution.dictionary.T @ atoms).abs().max(dim=0).values
+    assert (matched > 1 - 1e-8).all()
+
+
+@pytest.mark.parametrize("kind", ["few tokens", "dead feature", "indefinite"])
+def test_singular_grams_give_a_sane_result(kind):
+    gen = generator(9)
+    # 20 tokens < d1 = 32: a rank-20 Gram. (With fewer tokens than SVD-LLM's rank, 13
+    # here, the whitened matrix is exactly low rank and SVD-LLM is exact: nothing to beat.)
+    x = torch.randn(20 if kind == "few tokens" else 200, 32, generator=gen, dtype=F64)
+    if kind == "dead feature":
+        x[:, 4] = 0.0
+    gram = x.T @ x
+    if kind == "indefinite":
+        gram = gram - 2 * torch.linalg.eigvalsh(gram)[0] * torch.eye(32, dtype=F64)
+    weight = torch.randn(32, 48, generator=gen, dtype=F64)
+    result = factorize_layer(weight, gram, SolverSettings(ratio=0.3))
+    assert result.whitening_path != "cholesky"
+    assert torch.isfinite(result.factors[0].dense()).all()
+    assert result.stats["error"] < result.stats["svd_llm_error"]
+    assert result.stats["solver"] == "closed"
+
+
+def test_beats_svd_llm_clearly_on_union_of_subspaces():
+    d1, d2 = 32, 256
+    weight = union_of_subspaces(d1, d2, n_subspaces=8, dim=4, seed=20)
+    x = torch.randn(400, d1, generator=generator(21), dtype=F64) * torch.linspace(
+        0.2, 3, d1, dtype=F64)
+    result = factorize_layer(weight, x.T @ x, SolverSettings(ratio=0.3))
+    err = functional_error(x, weight, result.factors[0].dense().double())
+    svd = result.stats["svd_llm_error"]
+    # 36 atoms with 18 per column can hold every 4-dim subspace, rank 19 cannot: measured
+    # 0.032 against 0.141 (4.4x; the warm start alone is 2x); demand 3x, as of K-SVD
+    assert err < svd / 3, (err, svd)
+    # the diagnostic is the functional error itself (factors stored in float32)
+    assert err == pytest.approx(result.stats["error"], rel=1e-4, abs=1e-6)
+
+
+def test_code_refit_matches_a_direct_solve():
+    gen = generator(10)
+    dictionary = torch.randn(20, 30, generator=gen, dtype=F64)
+    dictionary /= dictionary.norm(dim=0)
+    signals = torch.randn(20, 50, generator=gen, dtype=F64)
+    support = top_s(torch.rand(30, 50, generator=gen, dtype=F64), 6)
+    start = torch.zeros(30, 50, dtype=F64).scatter_(0, support, 1.0)
+    refit = codes_on_support(dictionary.T @ dictionary, dictionary.T @ signals, start,
+                             steps=6)
+    for j in range(50):
+        atoms = dictionary[:, support[:, j]]
+        exact = torch.linalg.lstsq(atoms, signals[:, j:j + 1]).solution[:, 0]
+        # CG on a 6 x 6 system converges in 6 steps up to rounding
+        assert torch.allclose(refit[support[:, j], j], exact, atol=1e-8)
+    assert (refit.ne(0).sum(dim=0) <= 6).all()
+
+
+def test_support_rule_registry():
+    gains = torch.tensor([[3.0, 0.0], [1.0, 5.0], [2.0, 4.0]])
+    assert support_rule("top-s")(gains, 2).tolist() == [[0, 1], [2, 2]]
+    with pytest.raises(ValueError, match="unknown support rule 'nope'"):
+        support_rule("nope")
+    with pytest.raises(ValueError, match="solver must be one of"):
+        SolverSettings(solver="fast")
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_pipeline_bytes_match_the_plan_and_inspect_shows_errors(tmp_path, capsys, group_size):
+    model = make_model(tmp_path / "model", "llama", layers=2)
+    text = calib_text(tmp_path / "calib.txt")
+    out = tmp_path / "out"
+    args = ["--model", str(model), "--out", str(out), "--calib-text", str(text),
+            "--calib-samples", "4", "--seq-len", "32", "--ratio", "0.3",
+            "--group-size", str(group_size)]
+    assert main(["-q", "compress", *args]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    cfg = make_config(None, {"model": str(model), "out": str(out), "calib_text": str(text),
+                             "calib_samples": 4, "seq_len": 32, "ratio": 0.3,
+                             "group_size": group_size})
+    _, skeleton, reader = preflight(cfg)
+    plan = make_plan(cfg, skeleton, reader)
+    planned = sum(m.bytes * m.count for m in plan.matrices)
+    assert report["compressed"]["bytes"] == planned
+    for name, module in report["modules"].items():
+        figures = module["diagnostics"]
+        assert 0 < figures["error"] < 0.25 and 0 < figures["svd_llm_error"] <= 1, name
+        # Block 0's q, k, v read embeddings of 128 tokens of a few distinct bytes: a
+        # singular Gram (shifted Cholesky), so the whitened matrix is of lower rank than
+        # SVD-LLM's and the low-rank format is exact there (K-SVD loses too). Elsewhere the
+        # dictionary must win.
+        if ".layers.0.self_attn." not in name or name.endswith("o_proj"):
+            assert figures["error"] < figures["svd_llm_error"], name
+    assert main(["inspect", str(out)]) == 0
+    assert "SVD-LLM" in capsys.readouterr().out
