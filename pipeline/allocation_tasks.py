@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ import torch
 from ..stages.allocation import AllocationError
 from ..stages.budget_plan import UniformSpec, plan_budgets
 from ..stages.compress_block import solve_units
-from ..stages.curves import Option, UnitCurve, unit_curve, unit_key
+from ..stages.curves import Option, UnitCurve, calibrated, unit_curve, unit_key
 from ..stages.projections import INPUT_OF, module_path
 from ..stages.sizing import dictionary_shape
 from ..storage.atomic import write_json
@@ -32,6 +33,9 @@ from .tasks import Job, _setup, device_gate, solver_settings, task
 log = logging.getLogger("cospadi")
 
 ALLOCATE = "allocate"
+# the short solve that calibrates a unit's dictionary curve (closed solver: alternation
+# steps and least-squares rounds; a full solve takes 20 and 4)
+CALIBRATION_ITERS, CALIBRATION_REFINE = 2, 1
 
 
 def curves_name(group: int) -> str:
@@ -95,13 +99,34 @@ def run_curves(job: Job, group_index: int, *_deps: object) -> str:
                 extra = ((shape.k, shape.s),)
             curve = unit_curve(projection, members, whitened.cpu(),
                                with_dictionary=spec.method == "cospadi", extra=extra)
-            curves.append(curve.as_dict())
+            record = curve.as_dict()
+            if spec.method == "cospadi":
+                short = replace(settings, iters=CALIBRATION_ITERS,
+                                refine_iters=CALIBRATION_REFINE)
+                achieved = _short_solve_error(whitened, shape.k, shape.s, short)
+                curve = calibrated(curve, shape.k, shape.s, achieved)
+                record = dict(curve.as_dict(), calibration={"k": shape.k, "s": shape.s,
+                                                            "achieved": achieved})
+            curves.append(record)
     seconds = time.perf_counter() - start
     write_json(curves_path(job, group_index), {"group": list(layers), "units": curves})
     mark_done(job.work, name, {"seconds": seconds, "units": len(curves)})
     log.info("layers %s: error curves of %d matrices in %.1f s", list(layers), len(curves),
              seconds)
     return name
+
+
+def _short_solve_error(whitened: torch.Tensor, k: int, s: int, settings) -> float:
+    """Relative squared error a short solve of the configured solver reaches at (k, s)."""
+    from ..stages.solvers import dictionary_solver
+
+    solution = dictionary_solver(settings.solver)(whitened, k, s, settings)
+    codes = torch.zeros(k, whitened.shape[1], dtype=torch.float64, device=whitened.device)
+    codes.scatter_(0, solution.support.to(whitened.device),
+                   solution.values.to(device=whitened.device, dtype=torch.float64))
+    residual = whitened - solution.dictionary.to(whitened.device, torch.float64) @ codes
+    total = float(whitened.square().sum())
+    return float(residual.square().sum()) / total if total else 0.0
 
 
 def read_curves(job: Job) -> list[UnitCurve]:

@@ -186,6 +186,22 @@ def unit_curve(projection: str, layers: tuple[int, ...], whitened: torch.Tensor,
     return UnitCurve(projection, tuple(layers), d1, d2, total, options)
 
 
+def calibrated(curve: UnitCurve, k: int, s: int, achieved: float) -> UnitCurve:
+    """The curve with every dictionary error scaled by ``achieved / predicted`` at (k, s).
+
+    The warm start's error overstates what a refining solver reaches (on SmolLM2-sized
+    matrices the closed-form solver ends well below it), which would bias the allocation
+    towards low-rank and dense options. One short solve per unit at (k, s) measures the
+    gain; the same relative gain is assumed at the unit's other (k, s) (a model, checked
+    by the achieved errors the factor tasks record).
+    """
+    base = next(o for o in curve.options if o.method == "dictionary" and (o.k, o.s) == (k, s))
+    scale = min(1.0, achieved / base.error) if base.error > 0 else 1.0
+    options = [Option(o.method, o.bytes, o.error * scale, o.k, o.s, o.r)
+               if o.method == "dictionary" else o for o in curve.options]
+    return UnitCurve(curve.projection, curve.layers, curve.d1, curve.d2, curve.energy, options)
+
+
 def proxy_weight(curve: UnitCurve, weighting: str) -> float:
     """How much one unit's relative error counts in the model-level proxy.
 
