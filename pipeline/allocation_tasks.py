@@ -146,7 +146,11 @@ def run_allocate(job: Job, *_deps: object) -> str:
     if is_done(job.work, ALLOCATE):
         return ALLOCATE
     start = time.perf_counter()
-    plan = plan_budgets(read_curves(job), uniform_spec(job), job.config.allocation_weight)
+    curves = read_curves(job)
+    parts = None
+    if job.config.allocation == "block":  # every group keeps the uniform plan's bytes
+        parts = [job.group_of(curve.layers[0]) for curve in curves]
+    plan = plan_budgets(curves, uniform_spec(job), job.config.allocation_weight, parts)
     summary = plan.as_dict()
     write_json(allocation_path(job), summary)
     methods: dict[str, int] = {}

@@ -51,7 +51,8 @@ COMPRESS_FLAGS: dict[str, tuple[Any, str]] = {
     "--max-inflight": (int, "groups captured ahead of factorisation"),
     "--torch-threads": (int, "torch intra-op threads per process"),
     "--allocation": (str, "uniform | global: one byte budget spent per matrix where it "
-                            "buys most (method and size chosen per matrix)"),
+                            "buys most (method and size chosen per matrix) | block: the "
+                            "same within each block, blocks keeping their uniform bytes"),
     "--allocation-weight": (str, "global allocation's proxy: relative errors weighted by "
                                    "params | matrices | energy"),
     "--shard-size": (str, "largest output shard, e.g. 256MB or 2GB (held in memory once)"),

@@ -125,7 +125,7 @@ def preflight(cfg: CompressConfig) -> tuple[Path, ModelSkeleton, ShardReader]:
 def dry_run(cfg: CompressConfig) -> str:
     _, skeleton, reader = preflight(cfg)
     text = format_plan(cfg, make_plan(cfg, skeleton, reader))
-    if cfg.allocation == "global":
+    if cfg.allocation != "uniform":
         from .allocation_tasks import dry_run_allocation
 
         text += "\n" + dry_run_allocation(cfg.work_path)

@@ -53,7 +53,8 @@ class CompressConfig:
     shard_size: str = "256MB"  # output shards; assembly holds one shard in memory at a time
     torch_threads: int | None = None  # intra-op threads per process (None: torch default)
     allocation: str = "uniform"  # uniform: every matrix at --ratio; global: one budget, spent
-    # per matrix where it lowers the proxy most (method, k, s or rank chosen per matrix)
+    # per matrix where it lowers the proxy most (method, k, s or rank chosen per matrix);
+    # block: the same within each block (group), every block keeping its uniform bytes
     allocation_weight: str = "params"  # proxy: relative functional errors weighted by
     # params (dense size) | matrices (one each) | energy (||R W||^2)
 
@@ -109,7 +110,7 @@ CHOICES = {
     "propagate": ("original", "compressed"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "attn_implementation": ("auto", "sdpa", "eager"),
-    "allocation": ("uniform", "global"),
+    "allocation": ("uniform", "global", "block"),
     "allocation_weight": ("params", "matrices", "energy"),
 }
 
@@ -130,7 +131,7 @@ def validate(cfg: CompressConfig) -> None:
             raise ConfigError(f"{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
     if cfg.refine_iters < 0:
         raise ConfigError(f"refine-iters must be >= 0, got {cfg.refine_iters}")
-    if cfg.allocation == "global" and cfg.propagate == "compressed":
+    if cfg.allocation != "uniform" and cfg.propagate == "compressed":
         raise ConfigError("allocation global needs every block's Grams before the first "
                           "factorisation; it cannot be combined with propagate compressed")
     if cfg.torch_threads is not None and cfg.torch_threads < 1:

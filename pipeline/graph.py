@@ -39,7 +39,7 @@ log = logging.getLogger("cospadi")
 
 
 def _global(job: Job) -> bool:
-    return job.config.allocation == "global"
+    return job.config.allocation != "uniform"
 
 
 def task_order(job: Job) -> list[str]:

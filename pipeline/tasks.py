@@ -308,7 +308,7 @@ def run_factor(job: Job, group_index: int, *_deps: object) -> str:
         return held[(members, input_name)]
 
     unit_solver, allocated = None, None
-    if job.config.allocation == "global":
+    if job.config.allocation != "uniform":
         from .allocation_tasks import allocated_solvers
 
         unit_solver, allocated = allocated_solvers(job)

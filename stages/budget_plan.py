@@ -65,12 +65,19 @@ class BudgetPlan:
                                 "chosen": option.as_dict(), "uniform": base.as_dict()}
         return {"budget": alloc.budget, "bytes": alloc.bytes, "proxy": alloc.value,
                 "lower_bound": alloc.lower_bound, "gap": alloc.gap,
-                "multiplier": alloc.multiplier, "uniform_proxy": self.uniform_value,
+                "multiplier": None if alloc.multiplier != alloc.multiplier else alloc.multiplier,
+                "uniform_proxy": self.uniform_value,
                 "units": units}
 
 
-def plan_budgets(curves: list[UnitCurve], spec: UniformSpec, weighting: str) -> BudgetPlan:
-    """Allocate the uniform plan's bytes over ``curves`` (order kept)."""
+def plan_budgets(curves: list[UnitCurve], spec: UniformSpec, weighting: str,
+                 parts: list[int] | None = None) -> BudgetPlan:
+    """Allocate the uniform plan's bytes over ``curves`` (order kept).
+
+    ``parts`` (one label per unit): each part keeps its own uniform bytes and is allocated
+    alone (``--allocation block``: the depth profile stays the uniform plan's); the gap and
+    bound are then the parts' sums.
+    """
     weights = [proxy_weight(curve, weighting) for curve in curves]
     scale = sum(weights) or 1.0
     weights = [w / scale for w in weights]  # proxy = weighted mean relative error
@@ -78,6 +85,31 @@ def plan_budgets(curves: list[UnitCurve], spec: UniformSpec, weighting: str) -> 
                for curve, w in zip(curves, weights, strict=True)]
     uniform = [uniform_index(curve, spec) for curve in curves]
     budget = sum(curve.options[i].bytes for curve, i in zip(curves, uniform, strict=True))
-    allocation = allocate(options, budget, reference=uniform)
+    if parts is None:
+        allocation = allocate(options, budget, reference=uniform)
+    else:
+        allocation = _allocate_parts(options, uniform, parts)
     uniform_value = sum(options[u][i][1] for u, i in enumerate(uniform))
     return BudgetPlan(curves, weights, allocation, uniform, uniform_value)
+
+
+def _allocate_parts(options: list[list[tuple[int, float]]], uniform: list[int],
+                    parts: list[int]) -> Allocation:
+    """Each part allocated alone within its uniform bytes; results combined."""
+    if len(parts) != len(options):
+        raise ValueError(f"{len(parts)} part labels for {len(options)} units")
+    choice = list(uniform)
+    total = budget = 0
+    value = bound = 0.0
+    for part in sorted(set(parts)):
+        units = [u for u, p in enumerate(parts) if p == part]
+        part_budget = sum(options[u][uniform[u]][0] for u in units)
+        result = allocate([options[u] for u in units], part_budget,
+                          reference=[uniform[u] for u in units])
+        for u, index in zip(units, result.choice, strict=True):
+            choice[u] = index
+        total += result.bytes
+        budget += part_budget
+        value += result.value
+        bound += result.lower_bound
+    return Allocation(tuple(choice), total, budget, value, bound, float("nan"))

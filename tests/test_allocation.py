@@ -131,6 +131,26 @@ def test_moves_budget_from_the_easy_to_the_hard_matrix():
     assert plan.allocation.value < 0.6 * plan.uniform_value
 
 
+def test_block_scope_keeps_every_block_within_its_uniform_bytes():
+    spec = UniformSpec("cospadi", 0.5, 2.0)
+    curves = []
+    for layer, kind in enumerate(("easy", "hard", "hard", "easy")):
+        w = synthetic(kind, seed=layer)
+        _, _, k, s, _ = spec.option_of(*w.shape)
+        curves.append(unit_curve("mlp.up_proj", (layer // 2,), w, extra=((k, s),)))
+    parts = [c.layers[0] for c in curves]
+    free = plan_budgets(curves, spec, "params")
+    block = plan_budgets(curves, spec, "params", parts)
+    for part in (0, 1):
+        units = [u for u, p in enumerate(parts) if p == part]
+        assert sum(block.chosen(u).bytes for u in units) <= \
+            sum(curves[u].options[block.uniform[u]].bytes for u in units)
+    # a constrained allocation: never better than the free one, never worse than uniform
+    assert free.allocation.value <= block.allocation.value + 1e-12
+    assert block.allocation.value <= block.uniform_value
+    assert block.allocation.lower_bound <= block.allocation.value + 1e-12
+
+
 def test_proxy_is_the_weighted_mean_relative_error():
     """The proxy of an assignment is sum_i w_i e_i with w_i normalised to sum 1: with the
     'params' weighting a unit twice the size counts twice, with 'matrices' alike."""

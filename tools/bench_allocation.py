@@ -91,7 +91,8 @@ def run_one(ratio: float, arm: str, opts: argparse.Namespace, assets: Path,
             "--calib-samples", str(opts.calib_samples), "--seq-len", str(opts.seq_len),
             *opts.extra.split()]
     if arm != "uniform":
-        args += ["--allocation", "global", "--allocation-weight", arm.removeprefix("global-")]
+        scope, _, weight = arm.partition("-")
+        args += ["--allocation", scope, "--allocation-weight", weight]
     if base is None:
         args.append("--keep-work")  # the shared capture
     else:
@@ -168,6 +169,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ratios", type=floats, default=[0.2, 0.3, 0.4])
     ap.add_argument("--weights", default="params",
                     help="comma-separated proxy weightings of the global arms")
+    ap.add_argument("--scopes", default="global",
+                    help="comma-separated allocation scopes of the arms: global, block")
     ap.add_argument("--rho", type=float, default=2.0)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -187,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     assets, runs = Path(opts.assets), Path(opts.runs)
     runs.mkdir(parents=True, exist_ok=True)
     dense = dense_ppl(opts, assets, runs)
-    arms = ["uniform"] + [f"global-{w}" for w in opts.weights.split(",") if w]
+    arms = ["uniform"] + [f"{scope}-{w}" for scope in opts.scopes.split(",") if scope
+                          for w in opts.weights.split(",") if w]
     records = []
     base = Path(opts.capture_from) if opts.capture_from else None
     for ratio in opts.ratios:
