@@ -127,7 +127,7 @@ def run_one(ratio: float, arm: str, opts: argparse.Namespace, assets: Path,
 
 def report(records: list[dict], dense: dict, opts: argparse.Namespace) -> str:
     lines = ["# Budget allocation on SmolLM2-135M: uniform against global at equal bytes", "",
-             f"CoSpaDi per layer, rho {opts.rho:g}, calibration {opts.calib_samples} x "
+             f"Per layer, rho {opts.rho:g}, calibration {opts.calib_samples} x "
              f"{opts.seq_len} tokens, perplexity on the first {opts.eval_windows} held-out "
              f"windows of {opts.eval_seq_len} tokens (dense {dense['ppl']:.2f}); "
              f"extra compress flags: `{opts.extra or '-'}`; {opts.torch_threads} torch "
@@ -146,7 +146,7 @@ def report(records: list[dict], dense: dict, opts: argparse.Namespace) -> str:
             rel = f"{r['ppl'] / base['ppl']:.3f}x" if base and arm != "uniform" else ""
             t = r["task_seconds"]
             if arm == "uniform":
-                methods, proxy = "all dictionary", ""
+                methods, proxy = "all at the ratio", ""
                 cost = f"- / {t.get('factor', 0):.1f} s"
             else:
                 m = r["methods"]
@@ -158,6 +158,17 @@ def report(records: list[dict], dense: dict, opts: argparse.Namespace) -> str:
                         f"{alloc / max(t.get('factor', 1e-9), 1e-9):.2f}")
             lines.append(f"| {ratio:g} | {arm} | {r['ppl']:.2f} | {rel} | "
                          f"{r['kept_bytes']:.4f} | {methods} | {proxy} | {cost} |")
+    lines.append("")
+    for r in records:
+        pairs = [(p, a) for p, a in zip(r.get("predicted", []), r.get("achieved", []),
+                                        strict=True) if p > 0]
+        if pairs:
+            ratio = sum(a for _, a in pairs) / sum(p for p, _ in pairs)
+            lines.append(f"- gamma {r['ratio']:g} {r['arm']}: summed achieved / predicted "
+                         f"relative squared error over the {len(pairs)} factorised "
+                         f"matrices {ratio:.3f}; allocation gap <= {r['gap']:.2g} "
+                         f"(proxy {r['proxy']:.5f}); bytes {r['allocated_bytes']} of "
+                         f"{r['budget']}")
     return "\n".join(lines) + "\n"
 
 
@@ -181,6 +192,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tag", default="", help="run name suffix (other solver settings)")
     ap.add_argument("--capture-from", help="work dir of an earlier run (kept with "
                     "--keep-work, same model and calibration) whose Grams every run reuses")
+    ap.add_argument("--name", default="allocation", help="report file stem under RESULTS")
     ap.add_argument("--quiet", action="store_true")
     return ap.parse_args(argv)
 
@@ -200,9 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             base = base or runs / f"{records[-1]['run']}.work"
             print(f"gamma {ratio:g} {arm}: ppl {records[-1]['ppl']:.3f}", flush=True)
     results = Path(opts.results)
-    write_text(results / "allocation.md", report(records, dense, opts))
-    write_json(results / "allocation.json", {"dense": dense, "runs": records})
-    print(f"wrote {results}/allocation.md, .json")
+    write_text(results / f"{opts.name}.md", report(records, dense, opts))
+    write_json(results / f"{opts.name}.json", {"dense": dense, "runs": records})
+    print(f"wrote {results}/{opts.name}.md, .json")
     return 0
 
 
