@@ -60,6 +60,11 @@ COMPRESS_FLAGS: dict[str, tuple[Any, str]] = {
     "--workers": (int, "local scheduler threads"),
     "--max-inflight": (int, "groups captured ahead of factorisation"),
     "--torch-threads": (int, "torch intra-op threads per process"),
+    "--allocation": (str, "uniform | global: one byte budget spent per matrix where it "
+                            "buys most (method and size chosen per matrix) | block: the "
+                            "same within each block, blocks keeping their uniform bytes"),
+    "--allocation-weight": (str, "global allocation's proxy: relative errors weighted by "
+                                   "params | matrices | energy"),
     "--shard-size": (str, "largest output shard, e.g. 256MB or 2GB (held in memory once)"),
     "--prune-blocks": (int, "ReplaceMe: remove N consecutive blocks before factorising"),
     "--prune-fit": (str, "lstsq (fold a linear map into the block before) | drop"),
@@ -250,6 +255,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             svd = figures.get("svd_llm_error")
             print(f"  {name}: {figures.get('error', float('nan')):.4f}"
                   + (f" ({svd:.4f})" if svd is not None else ""))
+    if "allocation" in report:
+        from .allocation_tasks import format_allocation
+
+        print(format_allocation(report["allocation"]))
     return 0
 
 

@@ -173,6 +173,10 @@ def dry_run(cfg: CompressConfig) -> str:
         seconds = stage_seconds(plan, cfg, plan.hidden, plan.input_dims, rates,
                                 plan.disk["output"])
         lines.append(format_plan(cfg, plan, seconds))
+        if cfg.allocation != "uniform":
+            from .allocation_tasks import dry_run_allocation
+
+            lines.append(dry_run_allocation(cfg.work_path))
     if not cfg.prune_blocks:
         return "\n".join(lines)
     check_calibration(cfg, model_dir)

@@ -63,6 +63,11 @@ class CompressConfig:
     torch_threads: int | None = None  # intra-op threads per process (None: torch default)
     prune_blocks: int = 0  # ReplaceMe: remove this many consecutive blocks first (0: off)
     prune_fit: str = "lstsq"  # lstsq: fold a least-squares map into the block before; drop
+    allocation: str = "uniform"  # uniform: every matrix at --ratio; global: one budget, spent
+    # per matrix where it lowers the proxy most (method, k, s or rank chosen per matrix);
+    # block: the same within each block (group), every block keeping its uniform bytes
+    allocation_weight: str = "params"  # proxy: relative functional errors weighted by
+    # params (dense size) | matrices (one each) | energy (||R W||^2)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", canonical_targets(self.targets))
@@ -119,6 +124,9 @@ class CompressConfig:
             settings["targets"] = list(self.targets)
         if self.method == "masa":
             settings["masa_atoms"] = self.masa_atoms
+        if self.allocation != "uniform":  # absent when uniform: older work dirs still resume
+            settings["allocation"] = self.allocation
+            settings["allocation_weight"] = self.allocation_weight
         return settings
 
 
@@ -155,6 +163,8 @@ CHOICES = {
     "calib_packing": ("pack", "truncate"),
     "bos": ("auto", "always", "never"),
     "prune_fit": ("lstsq", "drop"),
+    "allocation": ("uniform", "global", "block"),
+    "allocation_weight": ("params", "matrices", "energy"),
 }
 
 
@@ -188,6 +198,14 @@ def validate(cfg: CompressConfig) -> None:
     if cfg.method == "none" and cfg.prune_blocks < 1:
         raise ConfigError("method none (prune only) needs prune-blocks >= 1, got "
                           f"{cfg.prune_blocks}")
+    if cfg.allocation != "uniform" and cfg.propagate == "compressed":
+        raise ConfigError("allocation global needs every block's Grams before the first "
+                          "factorisation; it cannot be combined with propagate compressed")
+    if cfg.allocation != "uniform" and (cfg.method not in ("cospadi", "svd-llm")
+                                        or cfg.prune_blocks):
+        raise ConfigError(f"allocation {cfg.allocation} spends budgets of cospadi or svd-llm "
+                          "factors; it cannot be combined with method "
+                          f"{cfg.method} or prune-blocks")
     if cfg.torch_threads is not None and cfg.torch_threads < 1:
         raise ConfigError(f"torch-threads must be >= 1, got {cfg.torch_threads}")
     from ..storage.hf_checkpoint import parse_size

@@ -39,8 +39,20 @@ from .tasks import (
 log = logging.getLogger("cospadi")
 
 
+def _global(job: Job) -> bool:
+    return job.config.allocation != "uniform"
+
+
 def task_order(job: Job) -> list[str]:
     """Every task of the run in a valid execution order."""
+    if _global(job):
+        from .allocation_tasks import ALLOCATE, curves_name
+
+        names = [EMBED]
+        for group, layers in enumerate(job.groups):
+            names += [capture_name(layer) for layer in layers] + [curves_name(group)]
+        return names + [ALLOCATE] + [factor_name(g) for g in range(len(job.groups))] + \
+            [ASSEMBLE]
     if job.prune_source is not None:
         if job.config.method == "none":
             return prune_order(job)
@@ -80,8 +92,17 @@ def task_inputs(job: Job, name: str) -> list[tuple[Path, str]]:
     if kind == "capture":
         layer = int(number)
         return [(work.activations(layer), producer_of_input(job, layer))]
-    if kind == "factor":
-        return [(work.grams(layer), capture_name(layer)) for layer in job.groups[int(number)]]
+    if kind in ("factor", "curves"):
+        grams = [(work.grams(layer), capture_name(layer)) for layer in job.groups[int(number)]]
+        if kind == "factor" and _global(job):
+            from .allocation_tasks import ALLOCATE, allocation_path
+
+            grams.append((allocation_path(job), ALLOCATE))
+        return grams
+    if kind == "allocate":
+        from .allocation_tasks import curves_name, curves_path
+
+        return [(curves_path(job, g), curves_name(g)) for g in range(len(job.groups))]
     if kind == "propagate":
         layers = job.groups[int(number)]
         return [(work.activations(layers[0]), producer_of_input(job, layers[0]))] + \
@@ -126,6 +147,9 @@ def build_graph(job: Job, done: set[str]) -> dict[str, Delayed]:
         nodes[name] = dask.delayed(bound, pure=False)(*args, dask_key_name=name)
         return nodes[name]
 
+    if _global(job):
+        _add_global_graph(job, node)
+        return nodes
     pruned = []
     if job.prune_source is not None:
         pruned = [add_prune_nodes(node, job)]
@@ -146,6 +170,28 @@ def build_graph(job: Job, done: set[str]) -> dict[str, Delayed]:
                             *captures)
     node(ASSEMBLE, run_assemble, *factors)
     return nodes
+
+
+def _add_global_graph(job: Job, node: Callable[..., object]) -> None:
+    """``--allocation global``: every group's curves, one allocation, then the factor
+    tasks. Capturing group g waits for the curves of group g - max_inflight (activations
+    stay bounded; Grams are kept until their factor task)."""
+    from .allocation_tasks import ALLOCATE, curves_name, run_allocate, run_curves
+
+    previous = node(EMBED, run_embed)
+    curves: list[object] = []
+    for group, layers in enumerate(job.groups):
+        backpressure = [curves[group - job.config.max_inflight]] \
+            if group >= job.config.max_inflight else []
+        captures = []
+        for layer in layers:
+            previous = node(capture_name(layer), run_capture, layer, previous, *backpressure)
+            captures.append(previous)
+        curves.append(node(curves_name(group), run_curves, group, *captures))
+    allocation = node(ALLOCATE, run_allocate, *curves)
+    factors = [node(factor_name(group), run_factor, group, allocation)
+               for group in range(len(job.groups))]
+    node(ASSEMBLE, run_assemble, *factors)
 
 
 class _Progress(Callback):

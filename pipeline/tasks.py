@@ -310,6 +310,11 @@ def run_factor(job: Job, group_index: int, *_deps: object) -> str:
                 per_token_grams(members, input_name), settings, owned=True)
         return held[(members, input_name)]
 
+    unit_solver, allocated = None, None
+    if job.config.allocation != "uniform":
+        from .allocation_tasks import allocated_solvers
+
+        unit_solver, allocated = allocated_solvers(job)
     with device_gate(job.device):
         if job.config.method == "masa":  # per-member whitenings: held together per input
             from ..stages.masa import compress_group_masa
@@ -319,14 +324,18 @@ def run_factor(job: Job, group_index: int, *_deps: object) -> str:
                                          job.config.target_projections)
         else:
             result = compress_group(layers, weight, whitening, settings, _solver(),
-                                    job.config.target_projections)
+                                    job.config.target_projections, unit_solver)
     for layer in layers:
         factors = {module_path(skeleton.base_prefix, layer, proj): f
                    for proj, f in result.factors[layer].items()}
         diagnostics = {module_path(skeleton.base_prefix, layer, proj): d
                        for proj, d in result.diagnostics[layer].items()}
-        write_block_factors(work.factors(layer), factors,
-                            factor_metadata(job, layer, layers), diagnostics=diagnostics)
+        metadata = factor_metadata(job, layer, layers)
+        if allocated is not None:
+            from .allocation_tasks import layer_records
+
+            metadata["allocation"] = layer_records(allocated, skeleton.base_prefix, layer)
+        write_block_factors(work.factors(layer), factors, metadata, diagnostics=diagnostics)
     unusual = [s for s in result.solves if s["whitening"] != "cholesky"]
     for solve in unusual:
         log.warning("layers %s %s: Gram singular or indefinite, whitened by %s (shift %.3g)",

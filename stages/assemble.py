@@ -144,6 +144,14 @@ def _collect_factors(factor_files: list[Path], original: dict[str, TensorInfo]
     return specs, sources
 
 
+def _allocation_records(factor_files: list[Path]) -> dict[str, dict]:
+    """Per-module allocation records the factor tasks left in the files' metadata."""
+    records: dict[str, dict] = {}
+    for path in factor_files:
+        records.update(read_block_header(path).get("metadata", {}).get("allocation", {}))
+    return {name: records[name] for name in sorted(records, key=natural_key)}
+
+
 def _share_dictionaries(specs: dict[str, dict], sources: dict[str, tuple[Path, str]],
                         reader: TensorSource) -> None:
     """Store equal dictionaries once (a group dictionary split over block files)."""
@@ -206,9 +214,13 @@ def assemble_model(model_dir: str | os.PathLike, factor_files: list[str | os.Pat
                 headers[file] = file_tensors(file)
             info = headers[file][stored]
             out.append(OutTensor(name, info.nbytes, lambda i=info, s=stored: reader.get(i, s)))
-        config = dict(config, auto_map={**config.get("auto_map", {}), **AUTO_MAP}, cospadi={
-            "format": MODEL_FORMAT, "version": MODEL_VERSION,
-            "modules": {name: specs[name] for name in sorted(specs, key=natural_key)}})
+        section = {"format": MODEL_FORMAT, "version": MODEL_VERSION,
+                   "modules": {name: specs[name] for name in sorted(specs, key=natural_key)}}
+        allocation = _allocation_records([Path(p) for p in factor_files])
+        if allocation:  # --allocation global: chosen budget, predicted and achieved errors
+            section["allocation"] = allocation
+        config = dict(config, auto_map={**config.get("auto_map", {}), **AUTO_MAP},
+                      cospadi=section)
         with staged_dir(out_dir, overwrite) as tmp:
             write_shards(tmp, out, parse_size(max_shard_size))
             write_json(tmp / "config.json", config)
@@ -368,17 +380,32 @@ def inspect_model(model_dir: str | os.PathLike) -> dict:
                              **_figures(params, nbytes, spec["d1"] * spec["d2"]))
         if "diagnostics" in spec:  # the solver's achieved and SVD-LLM's whitened errors
             modules[name]["diagnostics"] = spec["diagnostics"]
+    allocation = config["cospadi"].get("allocation", {})
+    for name, record in allocation.items():
+        if record.get("method") == "dense" and name not in modules:
+            weight = tensors.get(f"{name}.weight")
+            if weight is None:
+                raise AssembleError(f"{model_dir} lacks the dense weight {name}.weight")
+            used.add(f"{name}.weight")
+            d1, d2 = weight.shape[1], weight.shape[0]
+            modules[name] = dict(kind="dense", d1=d1, d2=d2, shared_dictionary=False,
+                                 **_figures(d1 * d2, DENSE_BYTES_PER_PARAM * d1 * d2, d1 * d2))
     layers: dict[str, dict] = {}
     compressed: dict = {}
-    for name, figures in modules.items():
+    for name, figures in sorted(modules.items(), key=lambda kv: natural_key(kv[0])):
         _add(layers.setdefault(_layer_of(name), {}), figures)
         _add(compressed, figures)
     other = sum(info.numel for key, info in tensors.items() if key not in used)
     model = {"params": compressed.get("params", 0) + other,
              "bytes": compressed.get("bytes", 0) + DENSE_BYTES_PER_PARAM * other,
              "dense_params": compressed.get("dense_params", 0) + other}
+    report_allocation = {name: {key: record[key] for key in
+                                ("method", "k", "s", "r", "bytes", "predicted", "achieved")
+                                if key in record}
+                         for name, record in allocation.items()}
     return {
         "modules": modules,
+        **({"allocation": report_allocation} if report_allocation else {}),
         "layers": {key: _figures(v["params"], v["bytes"], v["dense_params"])
                    for key, v in sorted(layers.items(), key=lambda kv: natural_key(kv[0]))},
         "compressed": _figures(compressed.get("params", 0), compressed.get("bytes", 0),

@@ -59,19 +59,26 @@ def compress_group(layers: Sequence[int],
                    weight: Callable[[int, str], torch.Tensor],
                    whitening: Callable[[tuple[int, ...], str], object],
                    settings: object, solver: Solver,
-                   targets: Sequence[str] = PROJECTIONS) -> GroupFactors:
+                   targets: Sequence[str] = PROJECTIONS,
+                   unit_solver: Callable[[str, tuple[int, ...]], Solver | None] | None = None
+                   ) -> GroupFactors:
     """Solve every projection of ``layers``.
 
     ``weight(layer, projection)`` gives W (d1 x d2, math layout) and
     ``whitening(members, input)`` the whitening of that input from the members' mean Gram,
     both loaded on demand so only one projection's matrices are held at a time (units
     sharing an input come one after another, so a one-entry cache serves q, k, v).
+    ``unit_solver(projection, members)``, if given, picks the solver of each unit (the
+    allocated budgets); None keeps that unit dense (no factors).
     """
     result = GroupFactors({layer: {} for layer in layers}, [], {layer: {} for layer in layers})
     for projection, members in solve_units(layers, targets):
         input_name = INPUT_OF[projection]
-        solved = solver([weight(layer, projection) for layer in members],
-                        whitening(members, input_name), settings)
+        solve = solver if unit_solver is None else unit_solver(projection, members)
+        if solve is None:
+            continue
+        solved = solve([weight(layer, projection) for layer in members],
+                       whitening(members, input_name), settings)
         figures = {key: float(solved.stats[key]) for key in DIAGNOSTICS if key in solved.stats}
         for layer, factors in zip(members, solved.factors, strict=True):
             result.factors[layer][projection] = factors
