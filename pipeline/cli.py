@@ -30,7 +30,7 @@ COMPRESS_FLAGS: dict[str, tuple[Any, str]] = {
     "--ratio": (float, "compression ratio: fraction of projection parameters removed"),
     "--rho": (float, "atoms per non-zero (k / s)"),
     "--solver": (str, "closed (default: closed-form, fast) | ksvd (the paper's K-SVD)"),
-    "--iters": (int, "solver iterations (default: 20 closed, 60 ksvd)"),
+    "--iters": (int, "solver iterations (default: 15 closed, 60 ksvd)"),
     "--refine-iters": (int, "closed: least-squares rounds on the fixed support"),
     "--power-iters": (int, "ksvd: power iterations per atom update"),
     "--omp-atoms-per-step": (int, "ksvd: 1 exact OMP; b > 1 gOMP, b atoms per step (faster)"),
@@ -41,6 +41,13 @@ COMPRESS_FLAGS: dict[str, tuple[Any, str]] = {
                        "(default all seven; the others stay dense)"),
     "--masa-atoms": (int, "masa: matrix atoms S shared by a group (1 <= S < group size)"),
     "--calib-text": (str, "UTF-8 calibration text file"),
+    "--calib-data": (str, "calibration dataset: JSON/JSONL/parquet/arrow file(s), a folder, "
+                          "or a hub id[:config]"),
+    "--calib-split": (str, "split of --calib-data (default train)"),
+    "--calib-column": (str, "column of --calib-data: text, or chat messages (default: text, "
+                            "else messages)"),
+    "--calib-packing": (str, "pack | truncate: --calib-data rows into --seq-len windows"),
+    "--bos": (str, "auto | always | never: BOS token at the start of every window"),
     "--calib-samples": (int, "calibration sequences"),
     "--seq-len": (int, "tokens per calibration sequence"),
     "--micro-batch": (int, "sequences per block forward"),
@@ -81,11 +88,21 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--restart", action="store_true",
                       help="discard an existing work directory instead of resuming")
 
-    ev = sub.add_parser("eval", help="perplexity of a model on a text file")
+    ev = sub.add_parser("eval", help="perplexity on a text file and/or lm-eval tasks")
     ev.add_argument("--model", required=True)
-    ev.add_argument("--text", required=True)
+    ev.add_argument("--text", help="UTF-8 text file: perplexity over its windows")
     ev.add_argument("--seq-len", type=int, default=512)
     ev.add_argument("--max-windows", type=int, default=None)
+    ev.add_argument("--bos", default="auto", choices=("auto", "always", "never"),
+                    help="BOS at the start of every window (auto: as the tokenizer does)")
+    ev.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated")
+    ev.add_argument("--num-fewshot", type=int, default=None)
+    ev.add_argument("--limit", type=float, default=None,
+                    help="lm-eval: examples per task (a fraction if < 1)")
+    ev.add_argument("--model-args", default=None,
+                    help="lm-eval's own model_args string, e.g. dtype=float32,max_length=512")
+    ev.add_argument("--include-path", default=None, help="folder of local lm-eval task YAMLs")
+    ev.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--dtype", default="float32")
     ev.add_argument("--json", action="store_true")
@@ -134,23 +151,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from ..stages.calibration import read_text
-    from ..stages.evaluate import load_model_for_eval, perplexity
 
     if not Path(args.model).is_dir():
         raise ConfigError(f"model directory {args.model} does not exist")
-    text = read_text(args.text)
+    if not args.text and not args.tasks:
+        raise ConfigError("eval needs --text FILE (perplexity) and/or --tasks T1,T2 (lm-eval)")
+    text = read_text(args.text) if args.text else None
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_model_for_eval(args.model, device=device, dtype=args.dtype)
-    result = perplexity(model, tokenizer, text, seq_len=args.seq_len,
-                        max_windows=args.max_windows, device=device,
-                        progress=not args.quiet and not args.json)
+    report: dict[str, Any] = {}
+    if text is not None:
+        from ..stages.evaluate import load_model_for_eval, perplexity
+
+        model, tokenizer = load_model_for_eval(args.model, device=device, dtype=args.dtype)
+        result = perplexity(model, tokenizer, text, seq_len=args.seq_len,
+                            max_windows=args.max_windows, device=device,
+                            progress=not args.quiet and not args.json, bos=args.bos)
+        del model
+        report.update(ppl=result["ppl"], tokens=result["tokens"])
+        if not args.json:
+            print(f"perplexity {result['ppl']:.4f} over {result['tokens']} tokens "
+                  f"({result['windows']} windows of {result['seq_len']})")
+    if args.tasks:
+        from ..stages.lm_eval_runner import run_tasks, summary, table
+
+        results = run_tasks(args.model, args.tasks.split(","), num_fewshot=args.num_fewshot,
+                            limit=args.limit, model_args=args.model_args,
+                            include_path=args.include_path, device=device,
+                            dtype=args.dtype, batch_size=args.batch_size)
+        report["lm_eval"] = summary(results)
+        if not args.json:
+            print(table(results))
     if args.json:
-        print(json.dumps({"ppl": result["ppl"], "tokens": result["tokens"]}))
-    else:
-        print(f"perplexity {result['ppl']:.4f} over {result['tokens']} tokens "
-              f"({result['windows']} windows of {result['seq_len']})")
+        print(json.dumps(report, default=str))
     return 0
 
 
@@ -202,13 +236,14 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from ..stages.assemble import AssembleError
     from ..stages.build_block import ArchitectureError
     from ..stages.calibration import CalibrationError
+    from ..stages.lm_eval_runner import LmEvalError
     from ..storage.factor_files import FactorFileError
     from ..storage.shards import ShardError
     from .manifest import LockHeld, ResumeRefused
 
     return (ConfigError, ShardError, ArchitectureError, CalibrationError, ResumeRefused,
             LockHeld, FactorFileError, AssembleError, ConnectionError, FileNotFoundError,
-            FileExistsError)
+            FileExistsError, LmEvalError)
 
 
 def describe_os_error(err: OSError) -> str:

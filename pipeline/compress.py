@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..stages.build_block import ModelSkeleton, load_skeleton
-from ..stages.calibration import calibration_ids, load_tokenizer, read_text
+from ..stages.calib_data import calibration_set
 from ..stages.compress_block import plan_groups
 from ..storage.durable_dir import remove_stale_temps, remove_tree
 from ..storage.shards import ShardError, ShardReader
@@ -83,14 +83,12 @@ def check_settings(cfg: CompressConfig, skeleton: ModelSkeleton) -> None:
             raise ConfigError(f"device {device} requested but CUDA is not available")
 
 
-def check_calibration(cfg: CompressConfig, model_dir: Path) -> Path:
-    if not cfg.calib_text:
-        raise ConfigError("calib-text is required (a UTF-8 text file of calibration prose)")
-    path = Path(cfg.calib_text)
-    # tokenising up front fails fast on text too short for samples x seq_len
-    calibration_ids(read_text(path), load_tokenizer(model_dir), cfg.calib_samples,
-                    cfg.seq_len, source=f"calibration text {path}")
-    return path
+def check_calibration(cfg: CompressConfig, model_dir: Path) -> dict[str, str]:
+    """The calibration set's digest; building it up front fails fast on bad data."""
+    if not cfg.calib_text and not cfg.calib_data:
+        raise ConfigError("calib-text or calib-data is required (a UTF-8 text file, or a "
+                          "dataset: local JSON / JSONL / parquet files or a hub id)")
+    return calibration_set(cfg, model_dir).digest
 
 
 def check_output(out: Path, assembled: bool) -> None:
@@ -125,8 +123,20 @@ def preflight(cfg: CompressConfig) -> tuple[Path, ModelSkeleton, ShardReader]:
 
 
 def dry_run(cfg: CompressConfig) -> str:
+    from .timing import measure_rates, stage_seconds
+
     _, skeleton, reader = preflight(cfg)
-    return format_plan(cfg, make_plan(cfg, skeleton, reader))
+    plan = make_plan(cfg, skeleton, reader)
+    device = cfg.resolved_device()
+    if cfg.torch_threads:  # measured as the tasks will run
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
+    # the disk rate is measured where the output goes (its folder's parent exists or is made)
+    rates = measure_rates(device, cfg.resolved_dtype(), cfg.work_path.parent)
+    seconds = stage_seconds(plan, cfg, plan.hidden, plan.input_dims, rates,
+                            plan.disk["output"])
+    return format_plan(cfg, plan, seconds)
 
 
 def compress(cfg: CompressConfig, restart: bool = False, progress: bool = True
@@ -158,7 +168,7 @@ def compress(cfg: CompressConfig, restart: bool = False, progress: bool = True
             done.discard(ASSEMBLE)  # output removed since: assemble again
             (work.done_record(ASSEMBLE)).unlink()
         check_output(out, assembled=ASSEMBLE in done)
-        job = Job(config=cfg, model_dir=str(model_dir), calib_text=str(calib),
+        job = Job(config=cfg, model_dir=str(model_dir),
                   work_root=str(work.root), out=str(out), num_layers=skeleton.num_layers,
                   groups=groups, device=cfg.resolved_device(), dtype=cfg.resolved_dtype())
         done = reconcile(job, done)

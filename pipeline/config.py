@@ -30,8 +30,8 @@ class CompressConfig:
     ratio: float = 0.3  # compression ratio gamma: fraction of parameters removed
     rho: float = 2.0  # atoms per non-zero, k / s
     solver: str = "closed"  # dictionary solver: closed (default, fast) | ksvd (the paper's)
-    iters: int | None = None  # solver iterations (None: 20 for closed, 60 for ksvd)
-    refine_iters: int = 4  # closed: least-squares rounds on the fixed support
+    iters: int | None = None  # solver iterations (None: 15 for closed, 60 for ksvd)
+    refine_iters: int = 3  # closed: least-squares rounds on the fixed support
     power_iters: int = 8  # ksvd: power iterations per atom update
     omp_atoms_per_step: int = 1  # ksvd: 1 exact OMP; b > 1 gOMP (about b x faster, worse codes)
     omp_memory: str | None = None  # ksvd: OMP working memory, e.g. 4GB (None: from free memory)
@@ -42,6 +42,11 @@ class CompressConfig:
                                 "down_proj")
     masa_atoms: int = 1  # MASA: matrix atoms S shared by a group (S < group size)
     calib_text: str | None = None
+    calib_data: str | None = None  # datasets: local data file(s) / folder / hub id[:config]
+    calib_split: str = "train"
+    calib_column: str | None = None  # default: text, else messages (chat template)
+    calib_packing: str = "pack"  # pack | truncate (--calib-data rows into windows)
+    bos: str = "auto"  # auto | always | never: BOS at the start of every window
     calib_samples: int = 256
     seq_len: int = 1024
     micro_batch: int = 8  # samples per block forward
@@ -143,6 +148,8 @@ CHOICES = {
     "propagate": ("original", "compressed"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "attn_implementation": ("auto", "sdpa", "eager"),
+    "calib_packing": ("pack", "truncate"),
+    "bos": ("auto", "always", "never"),
 }
 
 
@@ -169,6 +176,8 @@ def validate(cfg: CompressConfig) -> None:
                               f"({cfg.group_size}), got {cfg.masa_atoms}")
     if cfg.refine_iters < 0:
         raise ConfigError(f"refine-iters must be >= 0, got {cfg.refine_iters}")
+    if cfg.calib_text and cfg.calib_data:
+        raise ConfigError("give calib-text or calib-data, not both")
     if cfg.torch_threads is not None and cfg.torch_threads < 1:
         raise ConfigError(f"torch-threads must be >= 1, got {cfg.torch_threads}")
     from ..storage.hf_checkpoint import parse_size

@@ -68,10 +68,13 @@ def model_fingerprint(model_dir: Path) -> dict[str, str]:
     return out
 
 
-def fingerprint(model_dir: Path, calib_text: Path | None, settings: dict[str, Any]) -> dict:
+def fingerprint(model_dir: Path, calibration: dict[str, str] | None,
+                settings: dict[str, Any]) -> dict:
+    """``calibration``: the calibration set's digest (its source's content and the token
+    windows made from it, see stages/calib_data.py)."""
     return {
         "model": model_fingerprint(model_dir),
-        "calibration": _sha256_file(calib_text) if calib_text is not None else None,
+        "calibration": calibration,
         "settings": settings,
     }
 
@@ -85,8 +88,19 @@ def differences(old: dict, new: dict) -> list[str]:
     if changed:
         out.append(f"model files differ ({', '.join(changed[:3])}"
                    f"{', ...' if len(changed) > 3 else ''})")
-    if old.get("calibration") != new.get("calibration"):
-        out.append("calibration text differs")
+    # manifests written before calibration digests held the text file's hash as a string
+    old_cal, new_cal = (c if isinstance(c, dict) else {"content": c}
+                        for c in (old.get("calibration"), new.get("calibration")))
+    if old_cal != new_cal:
+        kind = "text" if new_cal.get("kind") == "text" else "data"
+        if "tokens" not in old_cal:
+            what = " (work dir written by an older cospadi: its token windows are unknown)"
+        elif old_cal.get("content") != new_cal.get("content"):
+            what = ""
+        else:
+            what = (" (same content, other token windows: --bos, --calib-packing or the "
+                    "tokenizer changed)")
+        out.append(f"calibration {kind} differs{what}")
     old_set, new_set = old.get("settings", {}), new.get("settings", {})
     for key in sorted(set(old_set) | set(new_set)):
         if old_set.get(key) != new_set.get(key):

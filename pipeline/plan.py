@@ -57,6 +57,8 @@ class Plan:
     device_bytes: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    hidden: int = 0
+    input_dims: dict[str, int] = field(default_factory=dict)  # unique input -> its width
 
     @property
     def kept_params(self) -> float:
@@ -152,7 +154,8 @@ def make_plan(cfg: CompressConfig, skeleton: ModelSkeleton, reader: ShardReader)
     else:
         host = INTERPRETER_BYTES + parallel * task
         device_bytes = 0
-    return Plan(matrices, layers, len(groups), disk, host, device_bytes, device, dtype)
+    return Plan(matrices, layers, len(groups), disk, host, device_bytes, device, dtype,
+                hidden, input_dims)
 
 
 def _other_tensor_bytes(reader: ShardReader, skip: set[str]) -> int:
@@ -178,7 +181,8 @@ def human(nbytes: float) -> str:
     raise AssertionError
 
 
-def format_plan(cfg: CompressConfig, plan: Plan) -> str:
+def format_plan(cfg: CompressConfig, plan: Plan, seconds: dict[str, float] | None = None
+                ) -> str:
     lines = [f"plan: {cfg.method} at ratio {cfg.ratio} on {plan.num_layers} blocks "
              f"({plan.groups} groups of <= {cfg.group_size}), {cfg.calib_samples} x "
              f"{cfg.seq_len} calibration tokens, {plan.dtype} on {plan.device}",
@@ -213,6 +217,13 @@ def format_plan(cfg: CompressConfig, plan: Plan) -> str:
     if plan.device_bytes:
         memory += f", device {human(plan.device_bytes)}"
     lines.append(memory)
+    if seconds is not None:
+        from .timing import format_seconds
+
+        lines.append(f"expected time (estimate from FLOP counts and rates measured here): "
+                     f"{format_seconds(sum(seconds.values()))} = "
+                     + ", ".join(f"{stage} {format_seconds(value)}"
+                                 for stage, value in seconds.items()))
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ import torch
 
 from ..stages.block_inputs import BlockInputs
 from ..stages.build_block import ModelSkeleton, apply_factors, build_block, load_skeleton
-from ..stages.calibration import calibration_ids, load_tokenizer, read_text
+from ..stages.calib_data import calibration_set
 from ..stages.capture import capture_block, forward_blocks, micro_batches
 from ..stages.compress_block import compress_group
 from ..stages.projections import module_path
@@ -43,7 +43,6 @@ class Job:
 
     config: CompressConfig
     model_dir: str
-    calib_text: str
     work_root: str
     out: str
     num_layers: int
@@ -178,9 +177,7 @@ def run_embed(job: Job) -> str:
     start = time.perf_counter()
     skeleton, reader = _setup(job)
     cfg = job.config
-    ids = calibration_ids(read_text(job.calib_text), load_tokenizer(job.model_dir),
-                          cfg.calib_samples, cfg.seq_len, source=f"calibration text "
-                                                                   f"{job.calib_text}")
+    ids = calibration_set(cfg, job.model_dir).ids
     device = torch.device(job.device)
     with device_gate(job.device):
         inputs = BlockInputs(skeleton, reader, job.torch_dtype, device)

@@ -2,9 +2,12 @@
 
 Tokenize the whole text once, cut it into non-overlapping windows of ``seq_len`` tokens
 (the ragged tail is dropped), run each window independently, and report
-``exp(mean NLL)`` over every predicted token (``seq_len - 1`` per window: the first token
-of a window has no context). Windows are fixed by the text alone, so dense and compressed
-models are scored on identical tokens.
+``exp(mean NLL)`` over every predicted token (``seq_len - 1`` per window). Every window
+starts as the model's tokenizer starts a text (``bos``: BOS for Gemma or Llama, nothing
+for SmolLM2), so with BOS a window is BOS + ``seq_len - 1`` text tokens, all predicted
+(as lm-evaluation-harness scores a document that fits one window); without, the first
+token of a window is context only. Windows are fixed by the text alone, so dense and
+compressed models are scored on identical tokens.
 
     python -m cospadi.stages.evaluate MODEL_DIR TEXT_FILE [--seq-len 512] [--max-windows 40]
 """
@@ -16,12 +19,14 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from .calibration import bos_prefix, text_ids, with_prefix
 
 
 def tokenize(tokenizer: Callable[..., Any], text: str) -> torch.Tensor:
@@ -35,16 +40,21 @@ def tokenize(tokenizer: Callable[..., Any], text: str) -> torch.Tensor:
     return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
 
 
-def windows_of(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
-    """(n_windows, seq_len) view of the first whole windows of ``ids``."""
+def windows_of(ids: torch.Tensor, seq_len: int, max_windows: int | None = None,
+               prefix: Sequence[int] = ()) -> torch.Tensor:
+    """(n_windows, seq_len): ``prefix`` + the next ``seq_len - len(prefix)`` tokens of
+    ``ids``, for the first whole windows."""
     if seq_len < 2:
         raise ValueError("seq_len must be >= 2 (a window predicts seq_len - 1 tokens)")
-    n = ids.numel() // seq_len
+    width = seq_len - len(prefix)
+    if width < 1:
+        raise ValueError(f"seq_len {seq_len} leaves no room after the {len(prefix)} BOS token(s)")
+    n = ids.numel() // width
     if max_windows is not None:
         n = min(n, max_windows)
     if n < 1:
         raise ValueError(f"text has {ids.numel()} tokens: fewer than one window of {seq_len}")
-    return ids[: n * seq_len].view(n, seq_len)
+    return with_prefix(ids[: n * width].view(n, width), prefix)
 
 
 @torch.inference_mode()
@@ -57,17 +67,26 @@ def perplexity(
     device: str | torch.device = "cpu",
     batch_size: int = 1,
     progress: bool = True,
+    bos: str = "auto",
 ) -> dict[str, float | int]:
     """Perplexity of ``model`` on ``text`` (a string, or token ids with ``tokenizer=None``).
+
+    A string is tokenised without special tokens and every window starts with
+    ``bos_prefix(tokenizer, bos)``; token ids are windowed as given.
 
     Returns ``ppl``, ``nll`` (mean, nats), ``tokens`` (predicted tokens = windows *
     (seq_len - 1)), ``windows``, ``seq_len`` and ``text_tokens`` (all tokens of the text).
     The first ``max_windows`` windows are used when given. Deterministic: fixed windows,
     no sampling, per-token NLL summed in float64.
     """
-    ids = text if isinstance(text, torch.Tensor) else tokenize(tokenizer, text)
+    prefix: list[int] = []
+    if isinstance(text, torch.Tensor):
+        ids = text
+    else:
+        ids = torch.tensor(text_ids(tokenizer, text), dtype=torch.long)
+        prefix = bos_prefix(tokenizer, bos)
     ids = ids.reshape(-1).long()
-    wins = windows_of(ids, seq_len, max_windows)
+    wins = windows_of(ids, seq_len, max_windows, prefix)
     was_training = model.training
     model.eval()
     total_nll, count = 0.0, 0
@@ -130,13 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--bos", default="auto", choices=("auto", "always", "never"))
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     model, tok = load_model_for_eval(args.model_dir, args.device, args.dtype)
     with open(args.text_file, encoding="utf-8") as f:
         text = f.read()
     res = perplexity(model, tok, text, args.seq_len, args.max_windows, args.device,
-                     args.batch_size)
+                     args.batch_size, bos=args.bos)
     res["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(res))
     return 0

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 DictionarySolver = Callable[[torch.Tensor, int, int, "SolverSettings"], DictionarySolution]
 
 KSVD_ITERS = 60  # the paper's setting
-CLOSED_ITERS = 20
+CLOSED_ITERS = 15
 
 
 def default_iters(solver: str) -> int:
@@ -40,7 +40,7 @@ def _closed(whitened: torch.Tensor, k: int, s: int, settings: SolverSettings
     rank = svd_rank(*whitened.shape, settings.ratio).r  # SVD-LLM's, for the diagnostics
     return solve_closed(whitened, k, s, iters=settings.solver_iters,
                         refine=settings.refine_iters, rule=support_rule(settings.support),
-                        svd_rank=rank)
+                        svd_rank=rank, dtype=settings.dtype)
 
 
 def _ksvd(whitened: torch.Tensor, k: int, s: int, settings: SolverSettings

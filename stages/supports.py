@@ -2,7 +2,8 @@
 
 A rule maps ``gains`` (k x d2, non-negative: what keeping atom i in column j is worth; for
 an orthonormal dictionary it is exactly the squared correlation ``(D^T W)_ij^2``) and the
-per-column budget ``s`` to an ``s x d2`` int64 support, ascending within each column. With
+per-column budget ``s`` to an ``s x d2`` int64 support (distinct atoms per column, in any
+order: the solver sorts once at the end). With
 an orthonormal dictionary the best code on any support is the correlations restricted to
 it, so a rule that maximises the kept gain under its structure gives the best structured
 code (METHOD.md, closed-form steps). Structured rules (2:4, blocks of columns sharing a
@@ -23,7 +24,8 @@ def top_s(gains: torch.Tensor, s: int) -> torch.Tensor:
     k = gains.shape[0]
     if not 1 <= s <= k:
         raise ValueError(f"support size s must lie in [1, {k}], got {s}")
-    return gains.topk(s, dim=0, sorted=False).indices.sort(dim=0).values
+    # along contiguous rows of the transpose: ~2x faster than down strided columns
+    return gains.T.contiguous().topk(s, dim=1, sorted=False).indices.T
 
 
 SUPPORT_RULES: dict[str, SupportRule] = {"top-s": top_s}

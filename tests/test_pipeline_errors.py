@@ -102,7 +102,7 @@ def test_dry_run_plan(tmp_path, capsys, assets):
     assert main(_args(model, text, tmp_path / "o", "--dry-run")) == 0
     out = capsys.readouterr().out
     for needle in ("self_attn.q_proj", "mlp.down_proj", "kept bytes", "grams", "activations",
-                   "factors", "host"):
+                   "factors", "host", "expected time", "capture", "solve", "assembly"):
         assert needle in out
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.work").exists()
 

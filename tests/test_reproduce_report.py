@@ -69,3 +69,22 @@ def test_compute_time_counts_interrupted_attempts(tmp_path) -> None:
     assert patched["task_seconds"] == 560.5
     assert reproduce.compute_seconds(patched) == 560.5
     assert reproduce.compute_seconds(reproduce.with_task_seconds(r, tmp_path / "none")) == 120.0
+
+
+def test_zero_shot_columns(tmp_path) -> None:
+    tasks = ["piqa", "arc_easy"]
+    records = [record("svd-llm", 0.3, 90.0), record("cospadi", 0.3, 80.0)]
+    records[0]["zero_shot"] = {"piqa": 0.60, "arc_easy": 0.40}
+    records[1]["zero_shot"] = {"piqa": 0.62, "arc_easy": None}  # a task that gave no number
+    dense = {"ppl": 15.0, "seconds": 60.0, "seq_len": 512, "tokens": 10220, "windows": 20,
+             "zero_shot": {"piqa": 0.70, "arc_easy": 0.50}}
+    opts = argparse.Namespace(torch_threads=1, rho=2.0, seed=42, notes=None, tasks=tasks)
+    reproduce.write_report(records, dense, opts, tmp_path)
+    text = (tmp_path / "smollm2.md").read_text()
+    assert "| compute time | piqa | arc_easy | mean |" in text
+    assert "| dense | 0 | 15.00 |" in text and "| 0.7000 | 0.5000 | 0.6000 |" in text
+    assert "| 0.6000 | 0.4000 | 0.5000 |" in text  # SVD-LLM row, mean of both
+    assert "| 0.6200 | - | - |" in text  # no mean over a missing task
+    assert reproduce.primary_metric({"acc,none": 0.3, "acc_norm,none": 0.4}) == 0.4
+    assert reproduce.primary_metric({"acc,none": 0.3, "acc_stderr,none": 0.1}) == 0.3
+    assert reproduce.primary_metric({"word_perplexity,none": 12.5, "alias": "x"}) == 12.5

