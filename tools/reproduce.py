@@ -74,9 +74,9 @@ class Run:
     rho: float
     seed: int
     omp_atoms: int = 1  # 1: exact OMP (the paper's); b > 1: gOMP, b atoms per step
+    solver: str = "ksvd"  # ksvd (names of earlier records unchanged) | closed
     targets: str = ALL_TARGETS  # projections compressed ("all" or a comma-separated list)
     masa_atoms: int = 1  # MASA's S
-    solver: str = "ksvd"  # CoSpaDi's dictionary solver: ksvd (the paper's) | closed
 
     @property
     def name(self) -> str:
@@ -111,7 +111,7 @@ class Run:
         solver = (f"K-SVD {self.iters} it, {omp}, rho {self.rho:g}" if kind == "cospadi"
                   else f"S = {self.masa_atoms} atoms + whitened SVD" if kind == "masa"
                   else "SVD")
-        if kind == "cospadi" and self.solver != "ksvd":
+        if kind == "cospadi" and self.solver == "closed":
             solver = f"closed-form solver {self.iters} it, rho {self.rho:g}"
         scope = "" if self.targets == ALL_TARGETS else f"; targets {self.targets}"
         return (f"{solver}; calib {self.calib_samples}x{self.seq_len}; "
@@ -296,11 +296,11 @@ def _calib(r: dict) -> tuple[int, int]:
 
 
 def _solver(r: dict) -> tuple[int, int]:
-    """K-SVD iterations and OMP atoms per step ((0, 0) for SVD-LLM)."""
+    """Solver iterations and OMP atoms per step ((0, 0) for SVD-LLM and MASA; atoms 0: the
+    closed-form solver, which has no OMP)."""
     if not _is_cospadi(r):
         return (0, 0)
-    # b = 0 marks the closed-form solver (no OMP)
-    return (r["iters"], 0 if r.get("solver", "ksvd") == "closed" else r.get("omp_atoms", 1))
+    return (r["iters"], 0 if r.get("solver") == "closed" else r.get("omp_atoms", 1))
 
 
 def _is_cospadi(r: dict) -> bool:
