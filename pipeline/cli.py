@@ -34,6 +34,7 @@ COMPRESS_FLAGS: dict[str, tuple[Any, str]] = {
     "--omp-atoms-per-step": (int, "1: exact OMP; b > 1: gOMP, b atoms per step (faster)"),
     "--seed": (int, "solver seed"),
     "--group-size": (int, "consecutive blocks sharing q,k,v,gate,up dictionaries"),
+    "--support": (str, "free | 2:4 | block<B> (e.g. block64): structure of the codes"),
     "--calib-text": (str, "UTF-8 calibration text file"),
     "--calib-samples": (int, "calibration sequences"),
     "--seq-len": (int, "tokens per calibration sequence"),

@@ -34,6 +34,7 @@ class CompressConfig:
     omp_atoms_per_step: int = 1  # 1: exact OMP; b > 1: gOMP (about b x faster, worse codes)
     seed: int = 42
     group_size: int = 1  # consecutive blocks sharing q, k, v, gate, up dictionaries
+    support: str = "free"  # code support structure: free | 2:4 | block<B> (stages/supports.py)
     calib_text: str | None = None
     calib_samples: int = 256
     seq_len: int = 1024
@@ -85,7 +86,7 @@ class CompressConfig:
     def fingerprint_settings(self) -> dict[str, Any]:
         """Settings that change the outputs (resuming with other values would mix runs)."""
         keep = ("method", "ratio", "rho", "iters", "power_iters", "omp_atoms_per_step", "seed",
-                "group_size",
+                "group_size", "support",
                 "calib_samples", "seq_len", "micro_batch", "propagate",
                 "attn_implementation", "shard_size")
         settings = {key: getattr(self, key) for key in keep}
@@ -115,6 +116,15 @@ def validate(cfg: CompressConfig) -> None:
                 "micro_batch", "workers", "max_inflight"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
+    from ..stages.supports import parse_support
+
+    try:
+        parse_support(cfg.support)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if cfg.support == "2:4" and cfg.rho != 2.0:
+        raise ConfigError(f"support 2:4 keeps half the atoms per group: rho must be 2, "
+                          f"got {cfg.rho}")
     if cfg.torch_threads is not None and cfg.torch_threads < 1:
         raise ConfigError(f"torch-threads must be >= 1, got {cfg.torch_threads}")
     from ..storage.hf_checkpoint import parse_size

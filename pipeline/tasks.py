@@ -243,7 +243,7 @@ def solver_settings(job: Job):
     cfg = job.config
     return SolverSettings(method=cfg.method, ratio=cfg.ratio, rho=cfg.rho, iters=cfg.iters,
                           power_iters=cfg.power_iters, seed=cfg.seed, device=job.device,
-                          atoms_per_step=cfg.omp_atoms_per_step)
+                          atoms_per_step=cfg.omp_atoms_per_step, support=cfg.support)
 
 
 def factor_metadata(job: Job, layer: int, group: tuple[int, ...]) -> dict:

@@ -16,6 +16,7 @@ import torch
 from .factors import DictionaryFactors, Factors, LowRankFactors
 from .ksvd import ksvd
 from .sizing import dictionary_shape, svd_rank
+from .supports import orthonormal_codes, parse_support
 from .whitening import Whitening, whitening_from_gram
 
 
@@ -31,6 +32,7 @@ class SolverSettings:
     atoms_per_step: int = 1  # 1: exact OMP; b > 1: gOMP, ~b x faster, somewhat worse codes
     device: str = "cpu"
     dtype: torch.dtype = torch.float32  # working precision of K-SVD (Grams stay float64)
+    support: str = "free"  # free | 2:4 | block<B> (stages/supports.py)
 
     def __post_init__(self) -> None:
         if self.method not in ("cospadi", "svd-llm"):
@@ -45,6 +47,7 @@ class SolverSettings:
             raise ValueError(f"atoms_per_step must be >= 1, got {self.atoms_per_step}")
         if self.power_iters < 1:
             raise ValueError(f"power_iters must be >= 1, got {self.power_iters}")
+        parse_support(self.support)
 
 
 @dataclass
@@ -147,7 +150,10 @@ def _solve_svd(whitened: torch.Tensor, whitening: Whitening,
 def _solve_ksvd(whitened: torch.Tensor, whitening: Whitening,
                 settings: SolverSettings) -> tuple[DictionaryFactors, dict]:
     d1, d2 = whitened.shape
-    shape = dictionary_shape(d1, d2, settings.ratio, settings.rho)
+    shape = dictionary_shape(d1, d2, settings.ratio, settings.rho, settings.support)
+    support = parse_support(settings.support)
+    if support.structured:
+        return _solve_structured(whitened, whitening, shape.k, shape.s, support)
     result = ksvd(whitened.to(settings.dtype), shape.k, shape.s, iters=settings.iters,
                   power_iters=settings.power_iters, seed=settings.seed,
                   omp_chunk=settings.omp_chunk, atoms_per_step=settings.atoms_per_step)
@@ -155,3 +161,21 @@ def _solve_ksvd(whitened: torch.Tensor, whitening: Whitening,
     factors = DictionaryFactors(dictionary.float().cpu(), result.support.cpu(),
                                 result.values.float().cpu())
     return factors, {"k": shape.k, "s": shape.s, "errors": result.errors}
+
+
+def _solve_structured(whitened: torch.Tensor, whitening: Whitening, k: int, s: int,
+                      support) -> tuple[DictionaryFactors, dict]:
+    """Structured supports: the exact coder of an orthonormal dictionary (supports.py).
+
+    K-SVD's OMP picks free supports; until the closed-form solver takes a support selector
+    this orthonormal coder (top-k whitened singular vectors, structured top selection of
+    ``U^T W_L``) serves ``2:4`` and ``block<B>``.
+    """
+    u, support_idx, values = orthonormal_codes(whitened, k, s, support)
+    dictionary = whitening.unwhiten(u.to(torch.float64))
+    codes = torch.zeros(k, whitened.shape[1], dtype=whitened.dtype, device=whitened.device)
+    codes.scatter_(0, support_idx, values)
+    error = float((whitened - u @ codes).norm() / whitened.norm().clamp_min(1e-30))
+    factors = DictionaryFactors(dictionary.float().cpu(), support_idx.cpu(),
+                                values.float().cpu(), support.name)
+    return factors, {"k": k, "s": s, "errors": [error]}
