@@ -2,7 +2,8 @@
 
 cospadi copies this file verbatim next to ``modeling_cospadi.py`` in a compressed
 checkpoint; it imports torch and, when installed, triton (CUDA builds of torch ship it).
-Without triton it still imports and :data:`AVAILABLE` is False.
+Without triton, or without CUDA (unless ``TRITON_INTERPRET=1``), it imports no triton
+and :data:`AVAILABLE` is False.
 
 Packed codes (storage/sparse_format.py): ``mask`` holds the k x d2 support bit-mask
 column-major (bit ``j k + i`` = atom i used by column j, LSB first); ``values14`` the s d2
@@ -22,12 +23,19 @@ import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only torch builds: the modeling file falls back to torch
-    triton = None
-    tl = None
+
+def _interpreting() -> bool:
+    # Triton's CPU interpreter (TRITON_INTERPRET=1, the tests)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+triton = tl = None
+if torch.cuda.is_available() or _interpreting():  # importing triton costs ~70 MiB of RSS
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:  # CPU-only torch builds: the modeling file falls back to torch
+        triton = tl = None
 
 AVAILABLE = triton is not None
 
@@ -74,12 +82,6 @@ if AVAILABLE:
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def _interpreting() -> bool:
-    # Triton's CPU interpreter (TRITON_INTERPRET=1, the tests) gets bf16 dots wrong
-    # (triton 3.9): there the tile product runs in float32, exact for bf16 inputs.
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def codes_matmul(z: torch.Tensor, mask: torch.Tensor, values14: torch.Tensor, k: int,
                  s: int, d2: int, block_m: int = 16, block_n: int = 64,
                  block_k: int = 32) -> torch.Tensor:
@@ -94,5 +96,7 @@ def codes_matmul(z: torch.Tensor, mask: torch.Tensor, values14: torch.Tensor, k:
     _codes_matmul_kernel[grid](z, mask, values14, out, m, k, d2, s, values14.numel(),
                                z.stride(0), z.stride(1), out.stride(0), out.stride(1),
                                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                               # the interpreter (triton 3.9) gets bf16 dots wrong: there the
+                               # tile product runs in float32, exact for bf16 inputs
                                IEEE=z.dtype == torch.float32 or _interpreting())
     return out

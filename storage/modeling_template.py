@@ -93,8 +93,6 @@ def decode_codes(mask: torch.Tensor, values14: torch.Tensor, k: int, d2: int, s:
     first = start * s * 14 // 8
     values = unpack_values14(values14[first: first + math.ceil(cols * s * 14 / 8)],
                              cols * s, dtype)
-    if int(bits.sum()) != s * cols:
-        raise ValueError(f"support mask sets {int(bits.sum())} bits, expected {s * cols}")
     # masked_scatter walks row-major (column j, then atoms ascending): the values order
     return torch.zeros(cols, k, dtype=dtype, device=mask.device).masked_scatter_(bits, values)
 
@@ -149,9 +147,18 @@ class CospadiDictionaryLinear(nn.Module):
         return self.dictionary if self._lender is None else self._lender.dictionary
 
     def prepare(self) -> None:
-        """Lay the owned dictionary out for ``linear`` (done lazily by the first call)."""
+        """Check the loaded codes once and lay the owned dictionary out for ``linear``
+        (the layout is also fixed lazily by the first call)."""
         if self.dictionary is not None:
             column_major(self.dictionary)
+        if self.block:
+            if int(self.index.min()) < 0 or int(self.index.max()) >= self.k:
+                raise ValueError(f"block support index outside [0, {self.k})")
+            return
+        counts = unpack_mask(self.mask, self.k, self.out_features).sum(dim=1)
+        if (counts != self.s).any():  # decoding would misplace every later value
+            raise ValueError(f"support mask must set s={self.s} atoms per column, found "
+                             f"{int(counts.min())}..{int(counts.max())}")
 
     def codes_product(self, z: torch.Tensor) -> torch.Tensor:
         """``z @ S`` for z of shape N x k."""
