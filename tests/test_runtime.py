@@ -130,19 +130,23 @@ def test_resident_memory_is_stored_bytes_and_logits_match(tmp_path, support):
                                    rtol=1e-4, atol=1e-4)
 
 
-def test_grouped_svd_llm_sizes_equal_plan(tmp_path):
-    model_dir, out, _ = _compress(tmp_path, "--method", "svd-llm", "--group-size", "2")
-    cfg = CompressConfig(model=str(model_dir), out=str(out), method="svd-llm", group_size=2,
+@pytest.mark.parametrize("method", ["svd-llm", "cospadi"])
+def test_grouped_sizes_equal_plan(tmp_path, method):
+    """A group's shared factor (SVD-LLM's left factor, CoSpaDi's dictionary) is stored and
+    held once: bytes on disk and in memory are the plan's."""
+    model_dir, out, _ = _compress(tmp_path, "--method", method, "--group-size", "2")
+    cfg = CompressConfig(model=str(model_dir), out=str(out), method=method, group_size=2,
                          calib_text=str(tmp_path / "calib.txt"), calib_samples=SAMPLES,
                          seq_len=SEQ)
     _, skeleton, reader = preflight(cfg)
     plan = make_plan(cfg, skeleton, reader)
     planned = sum(m.bytes * m.count for m in plan.matrices)
     figures = inspect_model(out)
-    assert figures["compressed"]["bytes"] == planned  # the shared left factor stored once
+    assert figures["compressed"]["bytes"] == planned  # the shared factor stored once
     assert abs(figures["compressed"]["kept_bytes"] - plan.kept_bytes) < 0.01
     spec = json.loads((out / "config.json").read_text())["cospadi"]["modules"]
-    borrowers = [name for name, s in spec.items() if "left_from" in s]
+    borrowers = [name for name, s in spec.items()
+                 if ("left_from" if method == "svd-llm" else "dictionary_from") in s]
     assert len(borrowers) == 5  # q, k, v, gate, up of the second layer
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True,
                                                  dtype=torch.bfloat16)

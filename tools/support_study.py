@@ -42,9 +42,10 @@ def layer_grams(model, ids: torch.Tensor, micro_batch: int) -> dict[tuple[int, s
     for index, layer in enumerate(model.model.layers):
         for name, projections in INPUTS.items():
             def hook(_m, args, index=index, name=name):
-                x = args[0].reshape(-1, args[0].shape[-1]).double()
+                # float32 products of one micro-batch, summed in float64
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
                 key = (index, name)
-                grams[key] = grams.get(key, 0) + x.T @ x
+                grams[key] = grams.get(key, 0) + (x.T @ x).double()
             handles.append(layer.get_submodule(projections[0]).register_forward_pre_hook(hook))
     with torch.no_grad():
         for start in range(0, len(ids), micro_batch):
@@ -60,7 +61,13 @@ def study(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer(args.model)
     ids = calibration_ids(read_text(args.calib), tokenizer, args.samples, args.seq_len)
     start = time.perf_counter()
-    grams = layer_grams(model, ids, 4)
+    cache = Path(args.grams_cache) if args.grams_cache else None
+    if cache is not None and cache.is_file():
+        grams = torch.load(cache)
+    else:
+        grams = layer_grams(model, ids, 4)
+        if cache is not None:
+            torch.save(grams, cache)
     print(f"grams of {len(model.model.layers)} blocks in {time.perf_counter() - start:.0f} s",
           file=sys.stderr)
     supports = [parse_support(name) for name in args.supports]
@@ -146,10 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--rho", type=float, default=2.0)
     ap.add_argument("--supports", nargs="+",
-                    default=["free", "2:4", "block32", "block64", "block128"])
+                    default=["free", "2:4", "block16", "block32", "block64"])
     ap.add_argument("--max-windows", type=int, default=20)
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--json", help="write the figures here too")
+    ap.add_argument("--grams-cache", help="save the Grams here, or load them if present")
     args = ap.parse_args(argv)
     result = study(args)
     print(table(result))
