@@ -5,8 +5,10 @@ The compressed checkpoint is a Hugging Face model directory: ``config.json`` (th
 config plus ``auto_map`` and a ``cospadi`` section), ``modeling_cospadi.py`` (standalone,
 torch + transformers only), sharded safetensors with every uncompressed tensor copied from
 the original shards and the compressed tensors named ``<module>.dictionary|mask|values14``
-or ``<module>.left|right`` (plus ``<module>.bias``), and the tokenizer / generation files.
-Output is built in a hidden sibling folder and renamed into place when complete.
+or ``<module>.left|right`` (plus ``<module>.bias``; dictionary, left and right transposed,
+the layout ``linear`` takes), ``cospadi_kernels.py`` (the optional fused Triton kernel the
+modeling file imports), and the tokenizer / generation files. Output is built in a hidden
+sibling folder and renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ from ..storage.hf_checkpoint import (
 from ..storage.sparse_format import codes_dense
 from .sizing import DENSE_BYTES_PER_PARAM
 
+# dense factors the model stores transposed (factor files keep the math layout)
+TRANSPOSED = ("dictionary", "left", "right")
 MODELING_FILE = "modeling_cospadi.py"
 KERNEL_FILE = "cospadi_kernels.py"  # imported by the modeling file as ``.cospadi_kernels``
 AUTO_MAP = {"AutoModelForCausalLM": "modeling_cospadi.CospadiForCausalLM"}
@@ -199,7 +203,12 @@ def assemble_model(model_dir: str | os.PathLike, factor_files: list[str | os.Pat
             if file not in headers:
                 headers[file] = file_tensors(file)
             info = headers[file][stored]
-            out.append(OutTensor(name, info.nbytes, lambda i=info, s=stored: reader.get(i, s)))
+            if name.rpartition(".")[2] in TRANSPOSED:  # linear's layout in the model
+                out.append(OutTensor(name, info.nbytes, lambda i=info, s=stored:
+                                     reader.get(i, s).T.contiguous()))
+            else:
+                out.append(OutTensor(name, info.nbytes,
+                                     lambda i=info, s=stored: reader.get(i, s)))
         config = dict(config, auto_map={**config.get("auto_map", {}), **AUTO_MAP}, cospadi={
             "format": MODEL_FORMAT, "version": MODEL_VERSION,
             "modules": {name: specs[name] for name in sorted(specs, key=natural_key)}})
@@ -222,7 +231,7 @@ def _dense_weight(name: str, spec: dict, tensors: dict[str, TensorInfo],
 
     if spec["kind"] == "dictionary":
         owner = spec.get("dictionary_from", name)
-        dictionary = get(f"{owner}.dictionary").float()
+        dictionary = get(f"{owner}.dictionary").float().T  # stored as D^T
         if block_size(spec):
             support, values = unpack_block_codes(get(f"{name}.index"), get(f"{name}.values"))
             codes = torch.zeros(spec["k"], spec["d2"]).scatter_(0, support, values)
@@ -230,8 +239,8 @@ def _dense_weight(name: str, spec: dict, tensors: dict[str, TensorInfo],
             codes = codes_dense(get(f"{name}.mask"), get(f"{name}.values14"), spec["k"],
                                 spec["d2"])
         return (dictionary @ codes).T
-    left = get(f"{spec.get('left_from', name)}.left").float()
-    return (left @ get(f"{name}.right").float()).T
+    left_t = get(f"{spec.get('left_from', name)}.left").float()  # stored transposed
+    return get(f"{name}.right").float() @ left_t
 
 
 def _torch_dtype(config: dict) -> torch.dtype:

@@ -6,7 +6,7 @@ but torch and transformers (and triton, through that file, when installed). ``co
 keeps the original ``model_type``, adds ``auto_map`` pointing ``AutoModelForCausalLM`` here
 and a ``cospadi`` section listing the compressed projections::
 
-    "cospadi": {"format": "cospadi-model", "version": 1, "modules": {
+    "cospadi": {"format": "cospadi-model", "version": 2, "modules": {
         "model.layers.0.self_attn.q_proj": {"kind": "dictionary", "d1": in, "d2": out,
                                             "k": atoms, "s": nnz per column, "bias": false},
         "model.layers.1.self_attn.q_proj": {..., "dictionary_from": "<module owning it>"},
@@ -28,9 +28,13 @@ least significant bit first; ``values14`` is a little-endian stream of 14-bit co
 "block<B>"``): ``index`` (int16, d2 / B x s) lists the atoms block b's B columns share,
 ``values`` (d2 / B x s x B) their coefficients.
 
+The dense factors are stored transposed, in the layout ``nn.functional.linear`` takes (as
+``nn.Linear.weight`` is): ``dictionary`` is D^T (k x d1), ``left`` L^T (r x d1), ``right``
+R^T (d2 x r). ``x @ D`` on a row-major d1 x k matrix runs up to 1.6x slower on CPU at batch 1.
+
 Runtime form: what is loaded is what is kept. The packed codes stay packed (nothing dense
 k x d2 survives a call), the dictionary (and low-rank factors) are held once, in the load
-dtype, in column-major storage so that ``x @ D`` is a plain ``linear`` with no copy.
+dtype, as stored: no per-call cast, copy or re-layout.
 On CUDA with Triton a fused kernel multiplies by the packed codes; elsewhere the codes are
 decoded per call, a bounded chunk of columns at a time (slow at small batch: a block
 support is the fast CPU form).
@@ -52,7 +56,7 @@ except ImportError:
     _kernel_codes_matmul = None
 
 MODEL_FORMAT = "cospadi-model"
-MODEL_VERSION = 1
+MODEL_VERSION = 2  # 2: dictionary and low-rank factors stored transposed (linear's layout)
 DECODE_CHUNK = 1 << 22  # elements of dense codes decoded at once (8 MiB in bf16)
 SMALL_BATCH = 16  # rows up to which block codes are applied sparsely (gather + bmm)
 _BYTE_BITS = torch.arange(8, dtype=torch.uint8)
@@ -97,14 +101,6 @@ def decode_codes(mask: torch.Tensor, values14: torch.Tensor, k: int, d2: int, s:
     return torch.zeros(cols, k, dtype=dtype, device=mask.device).masked_scatter_(bits, values)
 
 
-def column_major(param: nn.Parameter) -> torch.Tensor:
-    """``param`` (2-D) re-laid in column-major storage once; returns its transpose, a
-    row-major view ``linear`` uses without copying."""
-    if param.stride(0) != 1 and param.shape[0] > 1:
-        param.data = param.data.t().contiguous().t()
-    return param.t()
-
-
 class CospadiDictionaryLinear(nn.Module):
     """``y = (x D) S + b``: a dense ``linear`` to k atoms, then the codes S.
 
@@ -122,7 +118,7 @@ class CospadiDictionaryLinear(nn.Module):
         self.support = support
         self.block = int(support[len("block"):]) if support.startswith("block") else 0
         if owns_dictionary:
-            self.dictionary = nn.Parameter(torch.empty(d1, k))
+            self.dictionary = nn.Parameter(torch.empty(k, d1))  # D^T
         else:
             self.register_parameter("dictionary", None)
         if self.block:
@@ -147,16 +143,13 @@ class CospadiDictionaryLinear(nn.Module):
         return self.dictionary if self._lender is None else self._lender.dictionary
 
     def prepare(self) -> None:
-        """Check the loaded codes once and lay the owned dictionary out for ``linear``
-        (the layout is also fixed lazily by the first call)."""
-        if self.dictionary is not None:
-            column_major(self.dictionary)
+        """Check the loaded codes once (a bad mask would misplace every later value)."""
         if self.block:
             if int(self.index.min()) < 0 or int(self.index.max()) >= self.k:
                 raise ValueError(f"block support index outside [0, {self.k})")
             return
         counts = unpack_mask(self.mask, self.k, self.out_features).sum(dim=1)
-        if (counts != self.s).any():  # decoding would misplace every later value
+        if (counts != self.s).any():
             raise ValueError(f"support mask must set s={self.s} atoms per column, found "
                              f"{int(counts.min())}..{int(counts.max())}")
 
@@ -193,7 +186,7 @@ class CospadiDictionaryLinear(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dictionary_t = column_major(self.get_dictionary())  # k x d1, no copy
+        dictionary_t = self.get_dictionary()  # k x d1
         flat = x.reshape(-1, self.in_features).to(dictionary_t.dtype)
         y = self.codes_product(nn.functional.linear(flat, dictionary_t))
         if self.bias is not None:
@@ -213,10 +206,10 @@ class CospadiLowRankLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.r = d1, d2, r
         if owns_left:
-            self.left = nn.Parameter(torch.empty(d1, r))
+            self.left = nn.Parameter(torch.empty(r, d1))  # L^T
         else:
             self.register_parameter("left", None)
-        self.right = nn.Parameter(torch.empty(r, d2))
+        self.right = nn.Parameter(torch.empty(d2, r))  # R^T
         self.bias = nn.Parameter(torch.empty(d2)) if bias else None
         object.__setattr__(self, "_lender", None)
 
@@ -227,15 +220,10 @@ class CospadiLowRankLinear(nn.Module):
     def get_left(self) -> torch.Tensor:
         return self.left if self._lender is None else self._lender.left
 
-    def prepare(self) -> None:
-        if self.left is not None:
-            column_major(self.left)
-        column_major(self.right)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        left_t = column_major(self.get_left())
+        left_t = self.get_left()
         flat = x.reshape(-1, self.in_features).to(left_t.dtype)
-        y = nn.functional.linear(nn.functional.linear(flat, left_t), column_major(self.right))
+        y = nn.functional.linear(nn.functional.linear(flat, left_t), self.right)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -280,9 +268,9 @@ def swap_linears(model: nn.Module, section: dict) -> None:
 
 
 def prepare_runtime(model: nn.Module) -> nn.Module:
-    """Lay every compressed module's factors out for inference (no copy kept)."""
+    """Check every compressed module's loaded codes (nothing is copied)."""
     for module in model.modules():
-        if isinstance(module, (CospadiDictionaryLinear, CospadiLowRankLinear)):
+        if isinstance(module, CospadiDictionaryLinear):
             module.prepare()
     return model
 

@@ -226,14 +226,14 @@ def test_block_layer_small_and_large_batch_agree():
                                                       owns_dictionary=True, support="block8")
     index = torch.rand(d2 // block, k, generator=g).argsort(dim=1)[:, :s].sort(dim=1).values
     with torch.no_grad():
-        layer.dictionary.copy_(torch.randn(d1, k, generator=g))
+        layer.dictionary.copy_(torch.randn(k, d1, generator=g))  # D^T
         layer.index.copy_(index.to(torch.int16))
         layer.values.copy_(torch.randn(d2 // block, s, block, generator=g))
         layer.bias.copy_(torch.randn(d2, generator=g))
     codes = torch.zeros(k, d2)
     for b in range(d2 // block):
         codes[index[b], b * block:(b + 1) * block] = layer.values[b]
-    weight = layer.dictionary.detach() @ codes
+    weight = layer.dictionary.detach().T @ codes
     for rows in (1, modeling_template.SMALL_BATCH + 1):  # gather + bmm, then dense decode
         x = torch.randn(rows, d1, generator=g)
         torch.testing.assert_close(layer(x), x @ weight + layer.bias.detach(),

@@ -186,7 +186,7 @@ def test_compressed_linear_forward() -> None:
                                                       owns_dictionary=True)
     packed = pack_codes(support, values, k)
     with torch.no_grad():
-        layer.dictionary.copy_(dictionary)
+        layer.dictionary.copy_(dictionary.T)  # the model stores D^T
         layer.bias.copy_(bias)
         layer.mask.copy_(packed["mask"])
         layer.values14.copy_(packed["values14"])

@@ -29,7 +29,7 @@ def layers(d1: int, d2: int, ratio: float, supports: list[str], dtype: torch.dty
         k, s = shape.k, shape.s
         layer = mt.CospadiDictionaryLinear(d1, d2, k, s, False, True, support)
         with torch.no_grad():
-            layer.dictionary.copy_(torch.randn(d1, k, generator=g))
+            layer.dictionary.copy_(torch.randn(k, d1, generator=g))  # D^T
             if layer.block:
                 blocks = d2 // layer.block
                 index = torch.rand(blocks, k, generator=g).argsort(dim=1)[:, :s]
