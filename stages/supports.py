@@ -101,6 +101,18 @@ def select(scores: torch.Tensor, s: int, support: Support) -> torch.Tensor:
     return select_blocks(scores, s, support.block)
 
 
+def atom_order(k: int, support: Support) -> torch.Tensor:
+    """The order to give atoms sorted by importance (singular value) before selecting.
+
+    Atom order is free, and it matters only for 2:4: in singular-value order the 4 leading
+    atoms share a group and every column would lose 2 of them. Interleaving the quarters
+    (group g = atoms g, g + k/4, g + k/2, g + 3k/4 of the sorted order) puts atoms of
+    unlike importance together. Identity for the other structures."""
+    if support.kind != TWO_FOUR:
+        return torch.arange(k)
+    return torch.arange(k).reshape(4, k // 4).T.reshape(-1)
+
+
 def is_two_four(mask: torch.Tensor) -> bool:
     """Every group of 4 consecutive atoms holds exactly 2 set entries in every column."""
     k, d2 = mask.shape
@@ -132,6 +144,7 @@ def orthonormal_codes(whitened: torch.Tensor, k: int, s: int, support: Support
                          f"{min(d1, d2)} atoms, asked for {k}")
     check_shape(support, k, d2, s)
     u = torch.linalg.svd(whitened, full_matrices=False)[0][:, :k]
+    u = u[:, atom_order(k, support).to(u.device)]
     scores = u.T @ whitened
     support_idx, values = support_and_values(select(scores, s, support), scores)
     return u, support_idx, values

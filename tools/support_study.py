@@ -29,7 +29,7 @@ from cospadi.stages.calibration import calibration_ids, load_tokenizer, read_tex
 from cospadi.stages.evaluate import perplexity
 from cospadi.stages.projections import INPUT_OF, INPUTS, PROJECTIONS
 from cospadi.stages.sizing import dictionary_bytes, dictionary_shape, svd_rank
-from cospadi.stages.supports import parse_support, select
+from cospadi.stages.supports import atom_order, parse_support, select
 from cospadi.stages.whitening import whitening_from_gram
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,7 +93,8 @@ def study(args: argparse.Namespace) -> dict:
             scores_all = sigma[:, None] * vh
             for support in supports:
                 shape = dictionary_shape(d1, d2, args.ratio, args.rho, support.name)
-                scores = scores_all[:shape.k]
+                order = atom_order(shape.k, support)
+                scores = scores_all[:shape.k][order]
                 mask = select(scores, shape.s, support)
                 kept = float(scores[mask].square().sum())
                 errors[support.name][projection].append(max(total - kept, 0.0) ** 0.5
@@ -101,7 +102,7 @@ def study(args: argparse.Namespace) -> dict:
                 kept_bytes[support.name][0] += dictionary_bytes(d1, d2, shape.k, shape.s,
                                                                 support.name)
                 kept_bytes[support.name][1] += 2 * d1 * d2
-                w_hat = whitening.unwhiten(u[:, :shape.k] @ (scores * mask))
+                w_hat = whitening.unwhiten(u[:, :shape.k][:, order] @ (scores * mask))
                 replaced[support.name][key] = w_hat.T.to(torch.bfloat16)
             r = svd_rank(d1, d2, args.ratio).r
             errors["svd-llm"][projection].append(float(sigma[r:].square().sum()) ** 0.5
