@@ -195,7 +195,7 @@ with torch.no_grad():
     layer.mask.copy_(packed["mask"])
     layer.values14.copy_(packed["values14"])
 for dtype in (torch.float32, torch.bfloat16):
-    for rows in (1, 5, 33):
+    for rows in (1, 20):  # one row tile, then two (20 > block_m = 16)
         z = torch.randn(rows, k, generator=g).to(dtype)
         torch_path = layer.codes_product(z).float()
         fused = kernels.codes_matmul(z, packed["mask"], packed["values14"], k, s, d2,
