@@ -1,4 +1,4 @@
-"""The ``cospadi`` command: compress, eval, inspect, export-dense.
+"""The ``cospadi`` command: compress, eval, inspect, export-dense, bench-runtime.
 
 User errors (bad settings, bad input files, a held lock, a refused resume, a full disk)
 print one line on stderr and exit with status 2; anything else is a bug and keeps its
@@ -40,6 +40,7 @@ COMPRESS_FLAGS: dict[str, tuple[Any, str]] = {
     "--targets": (str, "projections to compress, e.g. q_proj,k_proj,v_proj,o_proj "
                        "(default all seven; the others stay dense)"),
     "--masa-atoms": (int, "masa: matrix atoms S shared by a group (1 <= S < group size)"),
+    "--support": (str, "free | 2:4 | block<B> (e.g. block64): structure of the codes"),
     "--calib-text": (str, "UTF-8 calibration text file"),
     "--calib-data": (str, "calibration dataset: JSON/JSONL/parquet/arrow file(s), a folder, "
                           "or a hub id[:config]"),
@@ -121,6 +122,12 @@ def _parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export-dense", help="write a plain checkpoint with W = D S")
     exp.add_argument("model_dir")
     exp.add_argument("out")
+
+    from .bench_runtime import add_arguments
+
+    bench = sub.add_parser("bench-runtime",
+                           help="memory and speed of a compressed model against its dense one")
+    add_arguments(bench)
     return parser
 
 
@@ -274,8 +281,14 @@ def cmd_export_dense(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_runtime(args: argparse.Namespace) -> int:
+    from .bench_runtime import run
+
+    return run(args)
+
+
 COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "inspect": cmd_inspect,
-            "export-dense": cmd_export_dense}
+            "export-dense": cmd_export_dense, "bench-runtime": cmd_bench_runtime}
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:

@@ -76,6 +76,15 @@ def check_settings(cfg: CompressConfig, skeleton: ModelSkeleton) -> None:
     if cfg.group_size > layers:
         raise ConfigError(f"group-size {cfg.group_size} is larger than the model's depth "
                           f"({layers} blocks{' after pruning' if cfg.prune_blocks else ''})")
+    if cfg.support.startswith("block"):
+        from ..stages.projections import PROJECTIONS
+
+        block = int(cfg.support[len("block"):])
+        for projection in PROJECTIONS:
+            d2 = skeleton.projection_shape(projection)[1]
+            if d2 % block:
+                raise ConfigError(f"support {cfg.support}: {projection} has {d2} outputs, "
+                                  f"not a multiple of the block size {block}")
     context = getattr(skeleton.config, "max_position_embeddings", None)
     if context is not None and cfg.seq_len > context:
         raise ConfigError(f"seq-len {cfg.seq_len} is longer than the model's context "

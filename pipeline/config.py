@@ -41,6 +41,7 @@ class CompressConfig:
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                 "down_proj")
     masa_atoms: int = 1  # MASA: matrix atoms S shared by a group (S < group size)
+    support: str = "free"  # code support structure: free | 2:4 | block<B> (stages/supports.py)
     calib_text: str | None = None
     calib_data: str | None = None  # datasets: local data file(s) / folder / hub id[:config]
     calib_split: str = "train"
@@ -112,7 +113,7 @@ class CompressConfig:
     def fingerprint_settings(self) -> dict[str, Any]:
         """Settings that change the outputs (resuming with other values would mix runs)."""
         keep = ("method", "ratio", "rho", "solver", "iters", "refine_iters", "power_iters",
-                "omp_atoms_per_step", "seed", "group_size",
+                "omp_atoms_per_step", "seed", "group_size", "support",
                 "calib_samples", "seq_len", "micro_batch", "propagate",
                 "attn_implementation", "shard_size")
         settings = {key: getattr(self, key) for key in keep}
@@ -206,6 +207,15 @@ def validate(cfg: CompressConfig) -> None:
         raise ConfigError(f"allocation {cfg.allocation} spends budgets of cospadi or svd-llm "
                           "factors; it cannot be combined with method "
                           f"{cfg.method} or prune-blocks")
+    from ..stages.supports import parse_support
+
+    try:
+        parse_support(cfg.support)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if cfg.support == "2:4" and cfg.rho != 2.0:
+        raise ConfigError(f"support 2:4 keeps half the atoms per group: rho must be 2, "
+                          f"got {cfg.rho}")
     if cfg.torch_threads is not None and cfg.torch_threads < 1:
         raise ConfigError(f"torch-threads must be >= 1, got {cfg.torch_threads}")
     from ..storage.hf_checkpoint import parse_size

@@ -85,9 +85,10 @@ def matrix_plan(cfg: CompressConfig, projection: str, members: int, d1: int,
         shape = svd_rank(d1, total_d2, cfg.ratio)
         return MatrixPlan(projection, members, d1, d2, None, None, shape.r, shape.bytes,
                           shape.params)
-    shape = dictionary_shape(d1, total_d2, cfg.ratio, cfg.rho)
+    shape = dictionary_shape(d1, total_d2, cfg.ratio, cfg.rho, cfg.support)
     return MatrixPlan(projection, members, d1, d2, shape.k, shape.s, None,
-                      dictionary_bytes(d1, total_d2, shape.k, shape.s), shape.params)
+                      dictionary_bytes(d1, total_d2, shape.k, shape.s, cfg.support),
+                      shape.params)
 
 
 def make_plan(cfg: CompressConfig, skeleton: ModelSkeleton, reader: ShardReader,
@@ -118,10 +119,11 @@ def make_plan(cfg: CompressConfig, skeleton: ModelSkeleton, reader: ShardReader,
     gram_block = sum(8 * d * d for d in input_dims.values())
     act_store = cfg.calib_samples * cfg.seq_len * hidden * act_bytes
     factor_bytes = sum(m.bytes * m.count for m in matrices)
-    per_file_dict = 0
-    if cfg.method == "cospadi":  # a shared dictionary is stored in every member's file
-        per_file_dict = sum(2 * m.d1 * (m.k or 0) * (m.members - 1) * m.count for m in matrices)
-    if cfg.method == "masa":  # so are a group's atoms
+    # a group's shared dictionary (or low-rank left factor, or MASA's atoms) is stored in
+    # every member's factor file; the output model holds it once
+    per_file_dict = sum(2 * m.d1 * (m.k or m.r or 0) * (m.members - 1) * m.count
+                        for m in matrices)
+    if cfg.method == "masa":
         per_file_dict = sum(2 * m.d1 * m.d2 * (m.atoms or 0) * (m.members - 1) * m.count
                             for m in matrices)
     projection_keys = {f"{skeleton.layer_path(i)}.{p}.weight"

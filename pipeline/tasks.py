@@ -267,7 +267,8 @@ def solver_settings(job: Job):
     return SolverSettings(method=cfg.method, ratio=cfg.ratio, rho=cfg.rho, solver=cfg.solver,
                           iters=cfg.iters, refine_iters=cfg.refine_iters,
                           power_iters=cfg.power_iters, seed=cfg.seed, device=job.device,
-                          atoms_per_step=cfg.omp_atoms_per_step, omp_memory_bytes=memory)
+                          atoms_per_step=cfg.omp_atoms_per_step, omp_memory_bytes=memory,
+                          support=cfg.support)
 
 
 def factor_metadata(job: Job, layer: int, group: tuple[int, ...]) -> dict:

@@ -5,8 +5,10 @@ The compressed checkpoint is a Hugging Face model directory: ``config.json`` (th
 config plus ``auto_map`` and a ``cospadi`` section), ``modeling_cospadi.py`` (standalone,
 torch + transformers only), sharded safetensors with every uncompressed tensor copied from
 the original shards and the compressed tensors named ``<module>.dictionary|mask|values14``
-or ``<module>.left|right`` (plus ``<module>.bias``), and the tokenizer / generation files.
-Output is built in a hidden sibling folder and renamed into place when complete.
+or ``<module>.left|right`` (plus ``<module>.bias``; dictionary, left and right transposed,
+the layout ``linear`` takes), ``cospadi_kernels.py`` (the optional fused Triton kernel the
+modeling file imports), and the tokenizer / generation files. Output is built in a hidden
+sibling folder and renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -21,13 +23,17 @@ from pathlib import Path
 
 import torch
 
+from ..storage import cospadi_kernels as sparse_kernels
 from ..storage import modeling_template
 from ..storage.atomic import fsync_dir, write_json, write_text
 from ..storage.factor_files import (
+    SHARED_LEAF,
     STORE_DTYPE,
+    block_size,
     expected_tensors,
     read_block_header,
     tensor_digest,
+    unpack_block_codes,
 )
 from ..storage.hf_checkpoint import (
     CheckpointError,
@@ -44,7 +50,10 @@ from ..storage.hf_checkpoint import (
 from ..storage.sparse_format import codes_dense
 from .sizing import DENSE_BYTES_PER_PARAM
 
+# dense factors the model stores transposed (factor files keep the math layout)
+TRANSPOSED = ("dictionary", "left", "right")
 MODELING_FILE = "modeling_cospadi.py"
+KERNEL_FILE = "cospadi_kernels.py"  # imported by the modeling file as ``.cospadi_kernels``
 AUTO_MAP = {"AutoModelForCausalLM": "modeling_cospadi.CospadiForCausalLM"}
 MODEL_FORMAT = modeling_template.MODEL_FORMAT
 MODEL_VERSION = modeling_template.MODEL_VERSION
@@ -98,6 +107,11 @@ def modeling_source() -> str:
     return Path(modeling_template.__file__).read_text(encoding="utf-8")
 
 
+def kernel_source() -> str:
+    """The optional Triton kernel file the modeling file imports beside itself, verbatim."""
+    return Path(sparse_kernels.__file__).read_text(encoding="utf-8")
+
+
 def _read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.is_file():
@@ -134,9 +148,10 @@ def _collect_factors(factor_files: list[Path], original: dict[str, TensorInfo]
             specs[name] = dict(spec, bias=bool(spec.get("bias")))
             for key in expected_tensors(name, spec):
                 sources[key] = (path, key)
-            owner = spec.get("dictionary_from")
+            leaf = SHARED_LEAF[spec["kind"]]
+            owner = spec.get(f"{leaf}_from")
             if owner is not None:  # resolved to a global owner below
-                sources[f"{name}.dictionary"] = (path, f"{owner}.dictionary")
+                sources[f"{name}.{leaf}"] = (path, f"{owner}.{leaf}")
             if spec.get("bias"):
                 sources[f"{name}.bias"] = (path, f"{name}.bias")
             elif f"{name}.bias" in original:
@@ -152,29 +167,31 @@ def _allocation_records(factor_files: list[Path]) -> dict[str, dict]:
     return {name: records[name] for name in sorted(records, key=natural_key)}
 
 
-def _share_dictionaries(specs: dict[str, dict], sources: dict[str, tuple[Path, str]],
-                        reader: TensorSource) -> None:
-    """Store equal dictionaries once (a group dictionary split over block files)."""
-    owners: dict[str, str] = {}
+def _share_factors(specs: dict[str, dict], sources: dict[str, tuple[Path, str]],
+                   reader: TensorSource) -> None:
+    """Store equal dictionaries / low-rank left factors / MASA atoms once (a group's shared
+    factor split over block files)."""
+    owners: dict[object, str] = {}
     for name in sorted(specs, key=natural_key):
         spec = specs[name]
-        spec.pop("dictionary_from", None)
         if spec["kind"] == "masa":
             _share_atoms(name, spec, sources, reader, owners)
-        if spec["kind"] != "dictionary":
             continue
-        file, stored = sources[f"{name}.dictionary"]
-        info = TensorInfo(file, STORE_DTYPE, (spec["d1"], spec["k"]))
-        digest = tensor_digest(reader.get(info, stored))
+        leaf = SHARED_LEAF[spec["kind"]]
+        spec.pop(f"{leaf}_from", None)
+        width = spec["k"] if spec["kind"] == "dictionary" else spec["r"]
+        file, stored = sources[f"{name}.{leaf}"]
+        info = TensorInfo(file, STORE_DTYPE, (spec["d1"], width))
+        digest = (spec["kind"], tensor_digest(reader.get(info, stored)))
         if digest in owners:
-            spec["dictionary_from"] = owners[digest]
-            del sources[f"{name}.dictionary"]
+            spec[f"{leaf}_from"] = owners[digest]
+            del sources[f"{name}.{leaf}"]
         else:
             owners[digest] = name
 
 
 def _share_atoms(name: str, spec: dict, sources: dict[str, tuple[Path, str]],
-                 reader: TensorSource, owners: dict[str, str]) -> None:
+                 reader: TensorSource, owners: dict[object, str]) -> None:
     """MASA: a group's atoms (one copy in each member's factor file) stored once."""
     spec.pop("atoms_from", None)
     if not spec["atoms"]:
@@ -201,7 +218,7 @@ def assemble_model(model_dir: str | os.PathLike, factor_files: list[str | os.Pat
     specs, sources = _collect_factors([Path(p) for p in factor_files], original)
     reader = TensorSource()
     try:
-        _share_dictionaries(specs, sources, reader)
+        _share_factors(specs, sources, reader)
         out: list[OutTensor] = []
         for name, info in original.items():
             module, _, leaf = name.rpartition(".")
@@ -213,7 +230,13 @@ def assemble_model(model_dir: str | os.PathLike, factor_files: list[str | os.Pat
             if file not in headers:
                 headers[file] = file_tensors(file)
             info = headers[file][stored]
-            out.append(OutTensor(name, info.nbytes, lambda i=info, s=stored: reader.get(i, s)))
+            module, _, leaf = name.rpartition(".")
+            if leaf in TRANSPOSED and specs[module]["kind"] != "masa":  # linear's layout
+                out.append(OutTensor(name, info.nbytes, lambda i=info, s=stored:
+                                     reader.get(i, s).T.contiguous()))
+            else:
+                out.append(OutTensor(name, info.nbytes,
+                                     lambda i=info, s=stored: reader.get(i, s)))
         section = {"format": MODEL_FORMAT, "version": MODEL_VERSION,
                    "modules": {name: specs[name] for name in sorted(specs, key=natural_key)}}
         allocation = _allocation_records([Path(p) for p in factor_files])
@@ -225,7 +248,8 @@ def assemble_model(model_dir: str | os.PathLike, factor_files: list[str | os.Pat
             write_shards(tmp, out, parse_size(max_shard_size))
             write_json(tmp / "config.json", config)
             write_text(tmp / MODELING_FILE, modeling_source())
-            copy_side_files(model_dir, tmp, skip=(MODELING_FILE,))
+            write_text(tmp / KERNEL_FILE, kernel_source())
+            copy_side_files(model_dir, tmp, skip=(MODELING_FILE, KERNEL_FILE))
     finally:
         reader.close()
     return out_dir
@@ -239,8 +263,13 @@ def _dense_weight(name: str, spec: dict, tensors: dict[str, TensorInfo],
 
     if spec["kind"] == "dictionary":
         owner = spec.get("dictionary_from", name)
-        dictionary = get(f"{owner}.dictionary").float()
-        codes = codes_dense(get(f"{name}.mask"), get(f"{name}.values14"), spec["k"], spec["d2"])
+        dictionary = get(f"{owner}.dictionary").float().T  # stored as D^T
+        if block_size(spec):
+            support, values = unpack_block_codes(get(f"{name}.index"), get(f"{name}.values"))
+            codes = torch.zeros(spec["k"], spec["d2"]).scatter_(0, support, values)
+        else:
+            codes = codes_dense(get(f"{name}.mask"), get(f"{name}.values14"), spec["k"],
+                                spec["d2"])
         return (dictionary @ codes).T
     if spec["kind"] == "masa":
         weight = torch.zeros(spec["d2"], spec["d1"])
@@ -250,7 +279,8 @@ def _dense_weight(name: str, spec: dict, tensors: dict[str, TensorInfo],
         if spec["r"]:
             weight += (get(f"{name}.left").float() @ get(f"{name}.right").float()).T
         return weight
-    return (get(f"{name}.left").float() @ get(f"{name}.right").float()).T
+    left_t = get(f"{spec.get('left_from', name)}.left").float()  # stored transposed
+    return get(f"{name}.right").float() @ left_t
 
 
 def _torch_dtype(config: dict) -> torch.dtype:
@@ -314,7 +344,7 @@ def export_dense(compressed_dir: str | os.PathLike, out_dir: str | os.PathLike, 
         with staged_dir(out_dir, overwrite) as tmp:
             write_shards(tmp, out, parse_size(max_shard_size))
             write_json(tmp / "config.json", config)
-            copy_side_files(compressed_dir, tmp, skip=(MODELING_FILE,))
+            copy_side_files(compressed_dir, tmp, skip=(MODELING_FILE, KERNEL_FILE))
     finally:
         reader.close()
     return out_dir
@@ -343,8 +373,8 @@ def inspect_model(model_dir: str | os.PathLike) -> dict:
     """Achieved sizes of a compressed checkpoint, from its headers (no tensor data read).
 
     ``modules``: per compressed projection, params (``d1 k + s d2`` or ``r (d1 + d2)``; a
-    shared dictionary counts for its owner only) and bytes actually stored, against the dense
-    ``d1 d2`` parameters at bf16. ``layers``: the same summed per decoder block.
+    shared dictionary or left factor counts for its owner only) and bytes actually stored,
+    against the dense ``d1 d2`` parameters at bf16. ``layers``: the same summed per decoder block.
     ``compressed``: all compressed projections. ``model``: the whole model, uncompressed
     tensors (embeddings, norms, biases, lm_head) counted at bf16 like the dense reference;
     ``stored_bytes`` is the actual size of all tensors in the shards.
@@ -371,12 +401,15 @@ def inspect_model(model_dir: str | os.PathLike) -> dict:
             if "atoms_from" not in spec:
                 params += spec["atoms"] * spec["d1"] * spec["d2"]
         else:
-            params = spec["r"] * (spec["d1"] + spec["d2"])
+            params = spec["r"] * spec["d2"]
+            if "left_from" not in spec:
+                params += spec["r"] * spec["d1"]
         nbytes = sum(tensors[key].nbytes for key in keys)
         shape = {key: spec[key] for key in ("d1", "d2", "k", "s", "r", "atoms") if key in spec}
         modules[name] = dict(kind=spec["kind"], **shape,
                              shared_dictionary="dictionary_from" in spec
                              or "atoms_from" in spec,
+                             shared_left="left_from" in spec,
                              **_figures(params, nbytes, spec["d1"] * spec["d2"]))
         if "diagnostics" in spec:  # the solver's achieved and SVD-LLM's whitened errors
             modules[name]["diagnostics"] = spec["diagnostics"]

@@ -24,7 +24,7 @@ from .factors import DictionaryFactors, Factors, LowRankFactors
 from .omp import DEFAULT_MEMORY_BYTES
 from .sizing import dictionary_shape, svd_rank
 from .solvers import SOLVERS, default_iters, dictionary_solver
-from .supports import SUPPORT_RULES
+from .supports import orthonormal_codes, parse_support
 from .whitening import Whitening, whitening_from_gram
 
 
@@ -36,7 +36,6 @@ class SolverSettings:
     solver: str = "closed"  # dictionary solver (solvers.py): "closed" or "ksvd"
     iters: int | None = None  # solver iterations (None: the solver's default)
     refine_iters: int = 3  # closed solver: least-squares rounds on the fixed support
-    support: str = "top-s"  # closed solver: support rule (supports.py)
     power_iters: int = 8  # ksvd: power iterations per atom update
     seed: int = 42
     omp_chunk: int = 8192  # ksvd: columns coded at once (upper bound; memory may lower it)
@@ -44,6 +43,7 @@ class SolverSettings:
     atoms_per_step: int = 1  # 1: exact OMP; b > 1: gOMP, ~b x faster, somewhat worse codes
     device: str = "cpu"
     dtype: torch.dtype = torch.float32  # working precision of K-SVD (Grams stay float64)
+    support: str = "free"  # free | 2:4 | block<B> (stages/supports.py)
 
     def __post_init__(self) -> None:
         if self.method not in ("cospadi", "svd-llm", "masa"):  # masa: stages/masa.py
@@ -52,9 +52,6 @@ class SolverSettings:
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {', '.join(sorted(SOLVERS))}, "
                              f"got {self.solver!r}")
-        if self.support not in SUPPORT_RULES:
-            raise ValueError(f"support must be one of {', '.join(sorted(SUPPORT_RULES))}, "
-                             f"got {self.support!r}")
         if not (0.0 < self.ratio < 1.0):
             raise ValueError(f"ratio must lie in (0, 1), got {self.ratio}")
         if not self.rho >= 1.0:
@@ -69,6 +66,7 @@ class SolverSettings:
             raise ValueError(f"atoms_per_step must be >= 1, got {self.atoms_per_step}")
         if self.power_iters < 1:
             raise ValueError(f"power_iters must be >= 1, got {self.power_iters}")
+        parse_support(self.support)
 
     @property
     def solver_iters(self) -> int:
@@ -184,13 +182,33 @@ def _tail_error(sigma: torch.Tensor, rank: int) -> float:
 def _solve_dictionary(whitened: torch.Tensor, whitening: Whitening,
                       settings: SolverSettings) -> tuple[DictionaryFactors, dict]:
     d1, d2 = whitened.shape
-    shape = dictionary_shape(d1, d2, settings.ratio, settings.rho)
-    solution = dictionary_solver(settings.solver)(whitened, shape.k, shape.s, settings)
-    stats = dict(solution.stats, solver=settings.solver)
+    shape = dictionary_shape(d1, d2, settings.ratio, settings.rho, settings.support)
+    support = parse_support(settings.support)
+    if support.structured:
+        factors, stats = _solve_structured(whitened, whitening, shape.k, shape.s, support)
+    else:
+        solution = dictionary_solver(settings.solver)(whitened, shape.k, shape.s, settings)
+        stats = dict(solution.stats, solver=settings.solver)
+        dictionary = whitening.unwhiten(solution.dictionary.to(torch.float64))
+        factors = DictionaryFactors(dictionary.float().cpu(), solution.support.cpu(),
+                                    solution.values.float().cpu())
     if "svd_llm_error" not in stats:  # the closed solver has it from its warm start
         rank = svd_rank(d1, d2, settings.ratio).r
         stats["svd_llm_error"] = _tail_error(torch.linalg.svdvals(whitened), rank)
-    dictionary = whitening.unwhiten(solution.dictionary.to(torch.float64))
-    factors = DictionaryFactors(dictionary.float().cpu(), solution.support.cpu(),
-                                solution.values.float().cpu())
     return factors, stats
+
+
+def _solve_structured(whitened: torch.Tensor, whitening: Whitening, k: int, s: int,
+                      support) -> tuple[DictionaryFactors, dict]:
+    """Structured supports (``2:4``, ``block<B>``): the exact coder of an orthonormal
+    dictionary (top-k whitened singular vectors, structured top selection of ``U^T W_L``;
+    supports.py), whatever ``--solver`` says: the alternation and refinement of the free
+    solvers would have to honour the structure in every step."""
+    u, support_idx, values = orthonormal_codes(whitened, k, s, support)
+    dictionary = whitening.unwhiten(u.to(torch.float64))
+    codes = torch.zeros(k, whitened.shape[1], dtype=whitened.dtype, device=whitened.device)
+    codes.scatter_(0, support_idx, values)
+    error = float((whitened - u @ codes).norm() / whitened.norm().clamp_min(1e-30))
+    factors = DictionaryFactors(dictionary.float().cpu(), support_idx.cpu(),
+                                values.float().cpu(), support.name)
+    return factors, {"k": k, "s": s, "error": error, "solver": f"orthonormal-{support.name}"}

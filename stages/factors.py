@@ -15,6 +15,7 @@ class DictionaryFactors:
     dictionary: torch.Tensor  # d1 x k, float32
     support: torch.Tensor  # s x d2, int64, ascending within each column
     values: torch.Tensor  # s x d2, float32
+    structure: str = "free"  # support structure, see stages/supports.py
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -41,7 +42,7 @@ class DictionaryFactors:
     def column_slice(self, start: int, stop: int) -> DictionaryFactors:
         """Factors of columns [start, stop): the per-layer part of a shared group solve."""
         return DictionaryFactors(self.dictionary, self.support[:, start:stop].contiguous(),
-                                 self.values[:, start:stop].contiguous())
+                                 self.values[:, start:stop].contiguous(), self.structure)
 
 
 @dataclass

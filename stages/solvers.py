@@ -20,7 +20,7 @@ from .factors import DictionarySolution
 from .ksvd import ksvd
 from .sizing import svd_rank
 from .solver_closed import solve_closed
-from .supports import support_rule
+from .supports import top_s
 
 if TYPE_CHECKING:
     from .factorize import SolverSettings
@@ -39,7 +39,7 @@ def _closed(whitened: torch.Tensor, k: int, s: int, settings: SolverSettings
             ) -> DictionarySolution:
     rank = svd_rank(*whitened.shape, settings.ratio).r  # SVD-LLM's, for the diagnostics
     return solve_closed(whitened, k, s, iters=settings.solver_iters,
-                        refine=settings.refine_iters, rule=support_rule(settings.support),
+                        refine=settings.refine_iters, rule=top_s,
                         svd_rank=rank, dtype=settings.dtype)
 
 

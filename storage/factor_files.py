@@ -4,6 +4,11 @@ Tensor names are the module path plus a suffix, exactly the names the assembled 
 
 - dictionary kind: ``<module>.dictionary`` (bf16, d1 x k), ``<module>.mask`` and
   ``<module>.values14`` (uint8, see ``sparse_format``);
+- dictionary kind with a ``block<B>`` support (header ``"support": "block<B>"``, see
+  stages/supports.py): ``<module>.dictionary`` as above, ``<module>.index`` (int16,
+  d2 / B x s: the atoms, ascending, that block b's columns use) and ``<module>.values``
+  (bf16, d2 / B x s x B: ``values[b, t, c] = S[index[b, t], b B + c]``); a ``2:4``
+  support is stored like a free one (mask + values14) with ``"support": "2:4"``;
 - low-rank kind: ``<module>.left`` (bf16, d1 x r), ``<module>.right`` (bf16, r x d2);
 - masa kind: ``<module>.atoms`` (bf16, S x d2 x d1: torch's out x in layout, the group's
   shared atoms, stored in every member's file), ``<module>.coefficients`` (float32, S) and
@@ -11,8 +16,9 @@ Tensor names are the module path plus a suffix, exactly the names the assembled 
   no atoms when S = 0, no correction when r = 0);
 - optional ``<module>.bias`` (d2, dtype as given).
 
-Modules whose dictionaries are equal (a shared group dictionary) store it once, under the
-first such module in sorted order; the others name it in their header entry.
+Modules whose dictionaries (or low-rank left factors) are equal, a shared group factor,
+store it once, under the first such module in sorted order; the others name it in their
+header entry (``dictionary_from`` / ``left_from``).
 
 The safetensors metadata holds a single key, ``cospadi``, whose value is sorted JSON::
 
@@ -44,6 +50,7 @@ from ..stages.factors import DictionaryFactors, Factors, LowRankFactors, MasaFac
 from .atomic import write_with
 from .sparse_format import mask_nbytes, pack_codes, unpack_codes, values_nbytes
 
+SHARED_LEAF = {"dictionary": "dictionary", "lowrank": "left"}  # the factor a group shares
 FORMAT = "cospadi-factors"
 VERSION = 1
 METADATA_KEY = "cospadi"
@@ -75,13 +82,19 @@ def encode_module(name: str, factors: Factors) -> tuple[dict, dict[str, torch.Te
         s, d2 = factors.support.shape
         if factors.values.shape != (s, d2):
             raise ValueError(f"{name}: values {tuple(factors.values.shape)} != support {(s, d2)}")
-        packed = pack_codes(factors.support, factors.values, k)
+        spec = {"kind": "dictionary", "d1": d1, "d2": d2, "k": k, "s": s}
         tensors = {
-            f"{name}.dictionary": factors.dictionary.detach().cpu().to(STORE_DTYPE).contiguous(),
-            f"{name}.mask": packed["mask"],
-            f"{name}.values14": packed["values14"],
-        }
-        return {"kind": "dictionary", "d1": d1, "d2": d2, "k": k, "s": s}, tensors
+            f"{name}.dictionary": factors.dictionary.detach().cpu().to(STORE_DTYPE).contiguous()}
+        if factors.structure.startswith("block"):
+            spec["support"] = factors.structure
+            tensors.update(pack_block_codes(name, factors))
+            return spec, tensors
+        if factors.structure != "free":
+            spec["support"] = factors.structure
+        packed = pack_codes(factors.support, factors.values, k)
+        tensors[f"{name}.mask"] = packed["mask"]
+        tensors[f"{name}.values14"] = packed["values14"]
+        return spec, tensors
     if isinstance(factors, LowRankFactors):
         d1, r = factors.left.shape
         if factors.right.shape[0] != r:
@@ -131,18 +144,57 @@ def _masa_tensors(name: str, spec: dict) -> dict[str, tuple[torch.dtype, tuple[i
     return out
 
 
+def block_size(spec: dict) -> int:
+    """Columns per block of a ``block<B>`` support, 0 for bit-mask supports."""
+    support = spec.get("support", "free")
+    return int(support[len("block"):]) if support.startswith("block") else 0
+
+
+def pack_block_codes(name: str, factors: DictionaryFactors) -> dict[str, torch.Tensor]:
+    """``index`` (int16) and ``values`` (bf16) of codes whose column blocks share supports."""
+    block = int(factors.structure[len("block"):])
+    s, d2 = factors.support.shape
+    if d2 % block:
+        raise ValueError(f"{name}: {d2} columns are not a multiple of the block size {block}")
+    support = factors.support.detach().cpu().reshape(s, d2 // block, block)
+    if not (support == support[:, :, :1]).all():
+        raise ValueError(f"{name}: the columns of a block do not share one support")
+    if factors.k > 2 ** 15:
+        raise ValueError(f"{name}: k = {factors.k} atoms do not fit an int16 index")
+    values = factors.values.detach().cpu().reshape(s, d2 // block, block).permute(1, 0, 2)
+    return {f"{name}.index": support[:, :, 0].T.to(torch.int16).contiguous(),
+            f"{name}.values": values.to(STORE_DTYPE).contiguous()}
+
+
+def unpack_block_codes(index: torch.Tensor, values: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_block_codes`: ``(support int64, values float32)``, s x d2."""
+    blocks, s, block = values.shape
+    support = index.to(torch.int64).T.repeat_interleave(block, dim=1)
+    return support, values.float().permute(1, 0, 2).reshape(s, blocks * block)
+
+
 def expected_tensors(name: str, spec: dict) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """dtype and shape of each tensor a header entry promises (a borrowed dictionary excluded)."""
     d1, d2 = spec["d1"], spec["d2"]
     if spec["kind"] == "dictionary":
         k, s = spec["k"], spec["s"]
-        out = {f"{name}.mask": (torch.uint8, (mask_nbytes(k, d2),)),
-               f"{name}.values14": (torch.uint8, (values_nbytes(s, d2),))}
+        block = block_size(spec)
+        if block:
+            if d2 % block:
+                raise ValueError(f"{d2} columns are not a multiple of the block size {block}")
+            out = {f"{name}.index": (torch.int16, (d2 // block, s)),
+                   f"{name}.values": (STORE_DTYPE, (d2 // block, s, block))}
+        else:
+            out = {f"{name}.mask": (torch.uint8, (mask_nbytes(k, d2),)),
+                   f"{name}.values14": (torch.uint8, (values_nbytes(s, d2),))}
         if "dictionary_from" not in spec:
             out[f"{name}.dictionary"] = (STORE_DTYPE, (d1, k))
     elif spec["kind"] == "lowrank":
         r = spec["r"]
-        out = {f"{name}.left": (STORE_DTYPE, (d1, r)), f"{name}.right": (STORE_DTYPE, (r, d2))}
+        out = {f"{name}.right": (STORE_DTYPE, (r, d2))}
+        if "left_from" not in spec:
+            out[f"{name}.left"] = (STORE_DTYPE, (d1, r))
     elif spec["kind"] == "masa":
         out = _masa_tensors(name, spec)
     else:
@@ -165,14 +217,15 @@ def write_block_factors(path: str | os.PathLike, factors: dict[str, Factors],
         raise ValueError(f"biases given for modules without factors: {sorted(unknown)}")
     modules: dict[str, dict] = {}
     tensors: dict[str, torch.Tensor] = {}
-    owners: dict[str, str] = {}  # dictionary digest -> module storing it
+    owners: dict[tuple[str, str], str] = {}  # (kind, digest) -> module storing it
     for name in sorted(factors):
         spec, module_tensors = encode_module(name, factors[name])
-        if spec["kind"] == "dictionary":
-            key = f"{name}.dictionary"
-            digest = tensor_digest(module_tensors[key])
+        if spec["kind"] in SHARED_LEAF:  # MASA's atoms are shared at assembly
+            leaf = SHARED_LEAF[spec["kind"]]
+            key = f"{name}.{leaf}"
+            digest = (spec["kind"], tensor_digest(module_tensors[key]))
             if digest in owners:
-                spec["dictionary_from"] = owners[digest]
+                spec[f"{leaf}_from"] = owners[digest]
                 del module_tensors[key]
             else:
                 owners[digest] = name
@@ -217,7 +270,8 @@ def read_block_header(path: str | os.PathLike) -> dict:
     return header
 
 
-_SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.bfloat16: "BF16", torch.float32: "F32"}
+_SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.bfloat16: "BF16", torch.float32: "F32",
+                       torch.int16: "I16"}
 
 
 def _check_tensors(path: Path, modules: dict, shapes: dict) -> None:
@@ -228,9 +282,10 @@ def _check_tensors(path: Path, modules: dict, shapes: dict) -> None:
         except (KeyError, ValueError) as err:
             raise FactorFileError(f"factor file {path}: bad header entry for {name}: {err}") \
                 from err
-        owner = spec.get("dictionary_from")
-        if owner is not None and not _can_lend(modules.get(owner), spec):
-            raise FactorFileError(f"factor file {path}: {name} borrows the dictionary of "
+        leaf = SHARED_LEAF.get(spec["kind"], "")
+        owner = spec.get(f"{leaf}_from")
+        if owner is not None and not can_lend(modules.get(owner), spec):
+            raise FactorFileError(f"factor file {path}: {name} borrows the {leaf} of "
                                   f"{owner}, which does not store one")
         if spec.get("bias"):
             expected[f"{name}.bias"] = (None, (spec["d2"],))
@@ -248,10 +303,13 @@ def _check_tensors(path: Path, modules: dict, shapes: dict) -> None:
         raise FactorFileError(f"factor file {path} holds unexpected tensors {sorted(extra)}")
 
 
-def _can_lend(owner: dict | None, borrower: dict) -> bool:
-    return (owner is not None and owner.get("kind") == "dictionary"
-            and "dictionary_from" not in owner
-            and (owner.get("d1"), owner.get("k")) == (borrower["d1"], borrower["k"]))
+def can_lend(owner: dict | None, borrower: dict) -> bool:
+    """``owner`` stores the shared factor ``borrower`` names, with the right shape."""
+    kind = borrower["kind"]
+    width = "k" if kind == "dictionary" else "r"
+    return (owner is not None and owner.get("kind") == kind
+            and f"{SHARED_LEAF[kind]}_from" not in owner
+            and (owner.get("d1"), owner.get(width)) == (borrower["d1"], borrower[width]))
 
 
 def read_block_file(path: str | os.PathLike) -> BlockFile:
@@ -263,6 +321,7 @@ def read_block_file(path: str | os.PathLike) -> BlockFile:
     factors: dict[str, Factors] = {}
     biases: dict[str, torch.Tensor] = {}
     dictionaries: dict[str, torch.Tensor] = {}
+    lefts: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt") as handle:
             for name, spec in sorted(header["modules"].items()):
@@ -270,14 +329,23 @@ def read_block_file(path: str | os.PathLike) -> BlockFile:
                     owner = spec.get("dictionary_from", name)
                     if owner not in dictionaries:
                         dictionaries[owner] = handle.get_tensor(f"{owner}.dictionary").float()
-                    support, values = unpack_codes(handle.get_tensor(f"{name}.mask"),
-                                                   handle.get_tensor(f"{name}.values14"),
-                                                   spec["k"], spec["d2"], spec["s"])
-                    factors[name] = DictionaryFactors(dictionaries[owner], support, values)
+                    if block_size(spec):
+                        support, values = unpack_block_codes(
+                            handle.get_tensor(f"{name}.index"),
+                            handle.get_tensor(f"{name}.values"))
+                    else:
+                        support, values = unpack_codes(handle.get_tensor(f"{name}.mask"),
+                                                       handle.get_tensor(f"{name}.values14"),
+                                                       spec["k"], spec["d2"], spec["s"])
+                    factors[name] = DictionaryFactors(dictionaries[owner], support, values,
+                                                      spec.get("support", "free"))
                 elif spec["kind"] == "masa":
                     factors[name] = _read_masa(handle, name, spec)
                 else:
-                    factors[name] = LowRankFactors(handle.get_tensor(f"{name}.left").float(),
+                    owner = spec.get("left_from", name)
+                    if owner not in lefts:
+                        lefts[owner] = handle.get_tensor(f"{owner}.left").float()
+                    factors[name] = LowRankFactors(lefts[owner],
                                                    handle.get_tensor(f"{name}.right").float())
                 if spec.get("bias"):
                     biases[name] = handle.get_tensor(f"{name}.bias")

@@ -16,7 +16,7 @@ from cospadi.pipeline.plan import make_plan
 from cospadi.stages.factorize import SolverSettings, factorize_layer
 from cospadi.stages.sizing import dictionary_shape, svd_rank
 from cospadi.stages.solver_closed import codes_on_support, solve_closed
-from cospadi.stages.supports import support_rule, top_s
+from cospadi.stages.supports import top_s
 
 F64 = torch.float64
 
@@ -154,11 +154,11 @@ def test_code_refit_matches_a_direct_solve():
     assert (refit.ne(0).sum(dim=0) <= 6).all()
 
 
-def test_support_rule_registry():
+def test_free_support_rule_and_settings_checks():
     gains = torch.tensor([[3.0, 0.0], [1.0, 5.0], [2.0, 4.0]])
-    assert support_rule("top-s")(gains, 2).tolist() == [[0, 1], [2, 2]]
-    with pytest.raises(ValueError, match="unknown support rule 'nope'"):
-        support_rule("nope")
+    assert sorted(map(sorted, top_s(gains, 2).T.tolist())) == [[0, 2], [1, 2]]
+    with pytest.raises(ValueError, match="support must be"):
+        SolverSettings(support="nope")
     with pytest.raises(ValueError, match="solver must be one of"):
         SolverSettings(solver="fast")
 
