@@ -118,6 +118,17 @@ def atom_order(k: int, support: Support) -> torch.Tensor:
     return torch.arange(k).reshape(4, k // 4).T.reshape(-1)
 
 
+def as_rule(support: Support):
+    """``support``'s selector as a rule ``(gains k x d2, s) -> support s x d2`` (atoms
+    ascending), gains being squared correlations: the form the closed-form solver's
+    pluggable support step takes (ranking by gain = ranking by |score|). For 2:4 the
+    solver must also order its atoms by :func:`atom_order` before selecting."""
+    def rule(gains: torch.Tensor, s: int) -> torch.Tensor:
+        mask = select(gains.clamp_min(0).sqrt(), s, support)  # |scores|, same ranking
+        return mask.T.nonzero()[:, 1].reshape(gains.shape[1], s).T.contiguous()
+    return rule
+
+
 def is_two_four(mask: torch.Tensor) -> bool:
     """Every group of 4 consecutive atoms holds exactly 2 set entries in every column."""
     k, d2 = mask.shape

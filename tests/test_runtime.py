@@ -174,6 +174,11 @@ def test_selectors_are_exact_and_structured():
         rand_blocks = supports.select_blocks(torch.randn(16, 24, generator=g), 5, 8)
         assert float(scores[rand_blocks].square().sum()) <= \
             float(scores[blocks].square().sum()) + 1e-6
+    # the rule form (squared gains -> s x d2 indices) selects the same supports
+    for name, mask in (("2:4", two_four), ("block8", blocks), ("free", free)):
+        s = int(mask[:, 0].sum())
+        rule = supports.as_rule(supports.parse_support(name))(scores.square(), s)
+        assert torch.equal(torch.zeros_like(mask).scatter_(0, rule, True), mask), name
     with pytest.raises(ValueError, match="block<B>"):
         supports.parse_support("blocks")
 
