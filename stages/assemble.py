@@ -148,8 +148,8 @@ def _collect_factors(factor_files: list[Path], original: dict[str, TensorInfo]
             specs[name] = dict(spec, bias=bool(spec.get("bias")))
             for key in expected_tensors(name, spec):
                 sources[key] = (path, key)
-            leaf = SHARED_LEAF[spec["kind"]]
-            owner = spec.get(f"{leaf}_from")
+            leaf = SHARED_LEAF.get(spec["kind"], "")  # MASA shares its atoms at assembly
+            owner = spec.get(f"{leaf}_from") if leaf else None
             if owner is not None:  # resolved to a global owner below
                 sources[f"{name}.{leaf}"] = (path, f"{owner}.{leaf}")
             if spec.get("bias"):
