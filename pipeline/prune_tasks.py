@@ -27,7 +27,6 @@ from safetensors.torch import save_file
 
 from ..stages.block_inputs import BlockInputs
 from ..stages.build_block import build_block, load_skeleton
-from ..stages.calib_data import calibration_set
 from ..stages.capture import micro_batches
 from ..stages.projections import module_path
 from ..stages.replaceme import (
@@ -45,7 +44,7 @@ from ..storage.durable_dir import remove_tree
 from ..storage.gram_store import write_grams
 from ..storage.shards import ShardReader
 from .manifest import WorkDir, is_done, mark_done
-from .tasks import Job, device_gate, task
+from .tasks import Job, device_gate, embed_calibration, task
 
 log = logging.getLogger("cospadi")
 
@@ -178,15 +177,7 @@ def run_prune_embed(job: Job) -> str:
         return PRUNE_EMBED
     start = time.perf_counter()
     skeleton, reader = _source_setup(job)
-    cfg = job.config
-    ids = calibration_set(cfg, job.prune_source).ids
-    with device_gate(job.device):
-        inputs = BlockInputs(skeleton, reader, job.torch_dtype, torch.device(job.device))
-        shape = (cfg.calib_samples, cfg.seq_len, skeleton.config.hidden_size)
-        with write_activations(scan_store(job.work, 0), shape, job.torch_dtype,
-                               cfg.micro_batch) as sink:
-            for lo, hi in micro_batches(cfg.calib_samples, cfg.micro_batch):
-                sink.write(lo, inputs.embed(ids[lo:hi]))
+    embed_calibration(job, job.prune_source, skeleton, reader, scan_store(job.work, 0))
     mark_done(job.work, PRUNE_EMBED, {"seconds": time.perf_counter() - start})
     return PRUNE_EMBED
 

@@ -170,6 +170,20 @@ def _input_consumed_by_capture(job: Job, layer: int) -> bool:
     return job.groups[group][0] != layer or not has_propagate(job, group)
 
 
+def embed_calibration(job: Job, model_dir: str, skeleton: ModelSkeleton, reader: ShardReader,
+                      store: Path) -> None:
+    """The calibration windows (tokenised by ``model_dir``'s tokenizer) embedded by the
+    model's own embedding into the activation store ``store``."""
+    cfg = job.config
+    ids = calibration_set(cfg, model_dir).ids
+    with device_gate(job.device):
+        inputs = BlockInputs(skeleton, reader, job.torch_dtype, torch.device(job.device))
+        shape = (cfg.calib_samples, cfg.seq_len, skeleton.config.hidden_size)
+        with write_activations(store, shape, job.torch_dtype, cfg.micro_batch) as sink:
+            for lo, hi in micro_batches(cfg.calib_samples, cfg.micro_batch):
+                sink.write(lo, inputs.embed(ids[lo:hi]))
+
+
 # tasks -----------------------------------------------------------------------------------
 
 @task
@@ -178,18 +192,10 @@ def run_embed(job: Job, *_deps: object) -> str:
         return EMBED
     start = time.perf_counter()
     skeleton, reader = _setup(job)
-    cfg = job.config
-    ids = calibration_set(cfg, job.model_dir).ids
-    device = torch.device(job.device)
-    with device_gate(job.device):
-        inputs = BlockInputs(skeleton, reader, job.torch_dtype, device)
-        shape = (cfg.calib_samples, cfg.seq_len, skeleton.config.hidden_size)
-        with write_activations(job.work.activations(0), shape, job.torch_dtype,
-                               cfg.micro_batch) as sink:
-            for lo, hi in micro_batches(cfg.calib_samples, cfg.micro_batch):
-                sink.write(lo, inputs.embed(ids[lo:hi]))
+    embed_calibration(job, job.model_dir, skeleton, reader, job.work.activations(0))
     mark_done(job.work, EMBED, {"seconds": time.perf_counter() - start})
-    log.info("embedded %d x %d calibration tokens", cfg.calib_samples, cfg.seq_len)
+    log.info("embedded %d x %d calibration tokens", job.config.calib_samples,
+             job.config.seq_len)
     return EMBED
 
 
