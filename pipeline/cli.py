@@ -22,6 +22,12 @@ log = logging.getLogger("cospadi")
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
+
+def int_or_auto(text: str) -> int | str:
+    """``auto`` or an integer (argparse names the flag when this raises)."""
+    return text if text == "auto" else int(text)
+
+
 # flag -> (type, help); dest is the config field (dashes -> underscores)
 COMPRESS_FLAGS: dict[str, tuple[Any, str]] = {
     "--model": (str, "model directory or hub id"),
@@ -39,7 +45,8 @@ COMPRESS_FLAGS: dict[str, tuple[Any, str]] = {
     "--group-size": (int, "consecutive blocks sharing q,k,v,gate,up dictionaries"),
     "--targets": (str, "projections to compress, e.g. q_proj,k_proj,v_proj,o_proj "
                        "(default all seven; the others stay dense)"),
-    "--masa-atoms": (int, "masa: matrix atoms S shared by a group (1 <= S < group size)"),
+    "--masa-atoms": (int_or_auto, "masa: matrix atoms S shared by a group (1 <= S < group "
+                     "size), or auto (default): per group the S, 0 included, of least error"),
     "--support": (str, "free | 2:4 | block<B> (e.g. block64): structure of the codes"),
     "--calib-text": (str, "UTF-8 calibration text file"),
     "--calib-data": (str, "calibration dataset: JSON/JSONL/parquet/arrow file(s), a folder, "

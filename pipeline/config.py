@@ -40,7 +40,9 @@ class CompressConfig:
     # projections compressed by every method (short names: q_proj, ...); others stay dense
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                 "down_proj")
-    masa_atoms: int = 1  # MASA: matrix atoms S shared by a group (S < group size)
+    # MASA: matrix atoms S shared by a group (S < group size), or auto: per group and
+    # projection the S in 0 .. m - 1 of least functional error at the same bytes
+    masa_atoms: int | str = "auto"
     support: str = "free"  # code support structure: free | 2:4 | block<B> (stages/supports.py)
     calib_text: str | None = None
     calib_data: str | None = None  # datasets: local data file(s) / folder / hub id[:config]
@@ -187,7 +189,11 @@ def validate(cfg: CompressConfig) -> None:
         if cfg.group_size < 2:
             raise ConfigError("method masa shares atoms across a group: group-size must be "
                               f">= 2, got {cfg.group_size}")
-        if not 1 <= cfg.masa_atoms < cfg.group_size:
+        if isinstance(cfg.masa_atoms, str):
+            if cfg.masa_atoms != "auto":
+                raise ConfigError(f"masa-atoms must be auto or an integer S, got "
+                                  f"{cfg.masa_atoms!r}")
+        elif not 1 <= cfg.masa_atoms < cfg.group_size:
             raise ConfigError(f"masa-atoms S must satisfy 1 <= S < group-size "
                               f"({cfg.group_size}), got {cfg.masa_atoms}")
     if cfg.refine_iters < 0:

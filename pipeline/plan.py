@@ -76,7 +76,9 @@ def matrix_plan(cfg: CompressConfig, projection: str, members: int, d1: int,
     total_d2 = d2 * members
     if cfg.method == "masa":
         try:
-            shape = masa_shape(d1, d2, members, cfg.ratio, group_atoms(members, cfg.masa_atoms))
+            # auto: planned as S = 0; every S it may pick fills the same budget (one rank unit)
+            atoms = 0 if cfg.masa_atoms == "auto" else group_atoms(members, cfg.masa_atoms)
+            shape = masa_shape(d1, d2, members, cfg.ratio, atoms)
         except MasaError as err:
             raise ConfigError(f"{projection}: {err}") from err
         return MatrixPlan(projection, members, d1, d2, None, None, shape.rank, shape.bytes,
@@ -124,7 +126,9 @@ def make_plan(cfg: CompressConfig, skeleton: ModelSkeleton, reader: ShardReader,
     per_file_dict = sum(2 * m.d1 * (m.k or m.r or 0) * (m.members - 1) * m.count
                         for m in matrices)
     if cfg.method == "masa":
-        per_file_dict = sum(2 * m.d1 * m.d2 * (m.atoms or 0) * (m.members - 1) * m.count
+        # auto may pick up to m - 1 atoms: the disk estimate takes the largest
+        per_file_dict = sum(2 * m.d1 * m.d2 * (m.members - 1 if cfg.masa_atoms == "auto"
+                                               else m.atoms or 0) * (m.members - 1) * m.count
                             for m in matrices)
     projection_keys = {f"{skeleton.layer_path(i)}.{p}.weight"
                        for i in range(layers) for p in PROJECTIONS}
@@ -200,7 +204,8 @@ def format_plan(cfg: CompressConfig, plan: Plan, seconds: dict[str, float] | Non
             ranks = f"{m.r // m.members}-{-(-m.r // m.members)}" \
                 if m.r % m.members else f"{m.r // m.members}"
             lines.append(f"{m.projection:<18}{m.members:>7}{f'{m.d1} x {m.d2}':>14}"
-                         f"{m.atoms:>7}{m.r:>8}{'~' + ranks:>10}{human(m.bytes):>13}"
+                         f"{m.atoms if cfg.masa_atoms != 'auto' else 'auto':>7}{m.r:>8}"
+                         f"{'~' + ranks:>10}{human(m.bytes):>13}"
                          f"{m.count:>9}")
             continue
         lines.append(f"{m.projection:<18}{m.members:>7}{f'{m.d1} x {m.d2}':>14}"
@@ -213,6 +218,9 @@ def format_plan(cfg: CompressConfig, plan: Plan, seconds: dict[str, float] | Non
     if cfg.method == "masa":
         lines.append("masa: r sum is the group's correction rank, spread over its members by "
                      "calibration (r each: the even split)")
+        if cfg.masa_atoms == "auto":
+            lines.append("masa: S auto: per group and projection the S in 0 .. m - 1 of least "
+                         "functional error, r sum shown for S = 0 (any S meets the same bytes)")
     disk = plan.disk
     lines.append("work dir disk (peak): grams " + human(disk["grams"]) + ", activations "
                  + human(disk["activations"]) + ", factors " + human(disk["factors"])

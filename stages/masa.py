@@ -187,6 +187,34 @@ def masa_group(weights: Sequence[torch.Tensor], whitenings: Sequence[object],
     return MasaResult(factors, ranks, [w.path for w in whitenings], errors, reference)
 
 
+def best_atoms_group(weights: Sequence[torch.Tensor], whitenings: Sequence[object],
+                     ratio: float, candidates: Sequence[int], svd_rank: int | None = None
+                     ) -> tuple[MasaShape, MasaResult, dict[int, float]]:
+    """MASA with the S among ``candidates`` whose group error is smallest at the same budget.
+
+    Every candidate meets ``(1 - ratio) m d1 d2`` (``masa_shape``), so they compare at equal
+    bytes (within one rank unit); the criterion is the rank allocation's own objective, the
+    summed relative functional error of the members. S = 0 is the group's rank spread over
+    its members without atoms: where the layers share no structure an atom is one member's
+    own weight and only moves budget between members, which this choice can refuse.
+    Returns the chosen shape, its result and the error of every candidate that fits.
+    """
+    d1, d2 = weights[0].shape
+    best, errors = None, {}
+    for atoms in candidates:
+        try:
+            shape = masa_shape(d1, d2, len(weights), ratio, atoms)
+        except MasaError:
+            continue  # these atoms alone exceed the budget
+        solved = masa_group(weights, whitenings, shape, svd_rank)
+        errors[atoms] = sum(solved.relative_errors)
+        if best is None or errors[atoms] < errors[best[0].atoms]:
+            best = (shape, solved)
+    if best is None:
+        raise MasaError(f"no atom count of {list(candidates)} fits {d1} x {d2} at ratio {ratio}")
+    return best[0], best[1], errors
+
+
 def masa_units(layers: Sequence[int], targets: Sequence[str]) -> list[tuple[str, tuple[int, ...]]]:
     """(projection, members) of every MASA solve: each targeted type shared by the group."""
     return [(projection, tuple(layers)) for projection in targets]
@@ -194,17 +222,24 @@ def masa_units(layers: Sequence[int], targets: Sequence[str]) -> list[tuple[str,
 
 def compress_group_masa(layers: Sequence[int], weight: Callable[[int, str], torch.Tensor],
                         whitening: Callable[[tuple[int, ...], str], object],
-                        ratio: float, atoms: int, targets: Sequence[str]) -> GroupFactors:
+                        ratio: float, atoms: int | str, targets: Sequence[str]
+                        ) -> GroupFactors:
     """MASA for every targeted projection of one group (``compress_group``'s contract:
-    ``whitening((layer,), input)`` gives member ``layer``'s own whitening)."""
+    ``whitening((layer,), input)`` gives member ``layer``'s own whitening). ``atoms``: S, or
+    ``"auto"`` for the best S in 0 .. m - 1 per projection (``best_atoms_group``)."""
     result = GroupFactors({layer: {} for layer in layers}, [], {layer: {} for layer in layers})
     for projection, members in masa_units(layers, targets):
         input_name = INPUT_OF[projection]
         weights = [weight(layer, projection) for layer in members]
         d1, d2 = weights[0].shape
-        shape = masa_shape(d1, d2, len(members), ratio, group_atoms(len(members), atoms))
         whitenings = [whitening((layer,), input_name) for layer in members]
-        solved = masa_group(weights, whitenings, shape, svd_rank(d1, d2, ratio).r)
+        reference_rank = svd_rank(d1, d2, ratio).r
+        if atoms == "auto":
+            shape, solved, tried = best_atoms_group(weights, whitenings, ratio,
+                                                    range(len(members)), reference_rank)
+        else:
+            shape = masa_shape(d1, d2, len(members), ratio, group_atoms(len(members), atoms))
+            solved, tried = masa_group(weights, whitenings, shape, reference_rank), {}
         for index, (layer, factors) in enumerate(zip(members, solved.factors, strict=True)):
             result.factors[layer][projection] = factors
             # the diagnostics' convention: relative norms, not energies
@@ -214,6 +249,7 @@ def compress_group_masa(layers: Sequence[int], weight: Callable[[int, str], torc
         result.solves.append({
             "projection": projection, "layers": list(members), "atoms": shape.atoms,
             "ranks": solved.ranks, "relative_errors": solved.relative_errors,
+            **({"errors_by_atoms": {str(k): v for k, v in tried.items()}} if tried else {}),
             "whitening": next((p for p in solved.whitening_paths if p != "cholesky"),
                               "cholesky"),
             "shift": max(float(w.shift) for w in whitenings)})

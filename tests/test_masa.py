@@ -21,6 +21,7 @@ from cospadi.stages.build_block import load_skeleton
 from cospadi.stages.masa import (
     MasaError,
     allocate_ranks,
+    best_atoms_group,
     masa_group,
     masa_shape,
     matrix_atoms,
@@ -109,6 +110,28 @@ def test_float64_reconstruction_through_factors() -> None:
         assert (rebuilt - w).abs().max() / w.abs().max() < 1e-12
 
 
+def test_auto_atoms_takes_shared_structure_and_refuses_none() -> None:
+    """auto keeps atoms where the members share matrices, and none where they share nothing.
+
+    Shared: the planted group above (S = 2 exact). Unrelated: members with flat, independent
+    spectra, where an atom is one member's own weight and can only move budget between
+    members; at a budget that keeps most of every member, S = 0 is cheaper."""
+    g = torch.Generator().manual_seed(3)
+    d1, d2, m = 24, 20, 4
+    weights, _ = _synthetic_group(d1, d2, m, 2, 1, g)
+    whitenings = _whitenings(d1, m, g)
+    shape, result, errors = best_atoms_group(weights, whitenings, 0.3, range(m))
+    assert shape.atoms == 2 and set(errors) == {0, 1, 2}  # S = 3 alone exceeds 0.7 of it
+    assert sum(result.relative_errors) == errors[2] < 1e-24 < errors[0]
+    unrelated = [torch.randn(d1, d2, generator=g, dtype=torch.float64) for _ in range(m)]
+    shape, result, errors = best_atoms_group(unrelated, whitenings, 0.2, range(m))
+    assert shape.atoms == 0 and errors[0] < min(v for k, v in errors.items() if k)
+    # every candidate meets the same budget to within one rank unit
+    budget = 0.8 * m * d1 * d2
+    for atoms in errors:
+        assert budget - (d1 + d2) < masa_shape(d1, d2, m, 0.2, atoms).params <= budget
+
+
 def test_allocation_is_optimal_and_budget_exact() -> None:
     g = torch.Generator().manual_seed(2)
     spectra = [torch.sort(torch.rand(5, generator=g, dtype=torch.float64) ** p,
@@ -177,7 +200,7 @@ def _plan_bytes(model_dir, args: dict) -> int:
 def masa_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("masa")
     rc, out, work = _compress(tmp, "--method", "masa", "--group-size", "2", "--ratio", "0.3",
-                              "--targets", "q_proj,k_proj,v_proj,o_proj")
+                              "--masa-atoms", "1", "--targets", "q_proj,k_proj,v_proj,o_proj")
     assert rc == 0
     return tmp, out, work
 
@@ -187,7 +210,7 @@ def test_masa_bytes_equal_plan_and_logits_equal_reconstruction(masa_run) -> None
     model_dir = tmp / "model"
     report = inspect_model(out)
     planned = _plan_bytes(model_dir, dict(method="masa", group_size=2, ratio=0.3,
-                                          targets="q_proj,k_proj,v_proj,o_proj"))
+                                          masa_atoms=1, targets="q_proj,k_proj,v_proj,o_proj"))
     assert report["compressed"]["bytes"] == planned
     # at most one rank unit (d1 + d2 of ~0.7 m d1 d2) short per solve: ~2 % on 64 x 64 pairs
     assert 0.68 < report["compressed"]["kept_params"] <= 0.70
@@ -274,6 +297,35 @@ def test_targets_are_honoured(tmp_path, method, group) -> None:
     assert not isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
 
 
+def test_masa_auto_atoms_pipeline(tmp_path) -> None:
+    """Default S (auto): the chosen S and every candidate's error are recorded per solve,
+    bytes are the plan's within 1 % (any S fills the same budget to one rank unit), and the
+    assembled model equals the factors it was built from."""
+    rc, out, work = _compress(tmp_path, "--method", "masa", "--group-size", "3", "--ratio",
+                              "0.3", "--targets", "q_proj,o_proj")
+    assert rc == 0
+    solves = [s for p in sorted((work / "done").glob("factor-*.json"))
+              for s in json.loads(p.read_text())["solves"]]
+    full = [s for s in solves if len(s["layers"]) == 3]
+    assert full and all(set(s["errors_by_atoms"]) == {"0", "1", "2"} for s in full)
+    for s in full:
+        assert sum(s["relative_errors"]) == min(s["errors_by_atoms"].values())
+        assert s["errors_by_atoms"][str(s["atoms"])] == min(s["errors_by_atoms"].values())
+    planned = _plan_bytes(tmp_path / "model", dict(method="masa", group_size=3, ratio=0.3,
+                                                   targets="q_proj,o_proj"))
+    assert abs(inspect_model(out)["compressed"]["bytes"] / planned - 1) < 0.01
+    loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True,
+                                                  dtype=torch.float32).eval()
+    for index, layer in enumerate(loaded.model.layers):
+        factors = read_block_factors(WorkDir(work).factors(index))
+        for projection in ("self_attn.q_proj", "self_attn.o_proj"):
+            module = layer.get_submodule(projection)
+            x = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0))
+            want = x @ factors[f"model.layers.{index}.{projection}"].dense()
+            # float32, two summation orders: 1e-5 of the output's scale
+            assert (module(x) - want).abs().max() < 1e-5 * want.abs().max()
+
+
 def test_masa_bad_settings_exit_2(tmp_path, capsys) -> None:
     rc, out, _ = _compress(tmp_path, "--method", "masa", "--group-size", "2",
                            "--masa-atoms", "2")
@@ -285,6 +337,9 @@ def test_masa_bad_settings_exit_2(tmp_path, capsys) -> None:
     assert "does not fit a group of 4 at ratio 0.5" in capsys.readouterr().err
     rc, out, _ = _compress(tmp_path, "--method", "masa", "--group-size", "1", name="out3")
     assert rc == 2 and "group-size must be >= 2" in capsys.readouterr().err
+    rc, out, _ = _compress(tmp_path, "--method", "masa", "--group-size", "2",
+                           "--masa-atoms", "some", name="out5")
+    assert rc == 2 and not out.exists() and "masa-atoms" in capsys.readouterr().err
     rc, out, _ = _compress(tmp_path, "--targets", "q_proj,x_proj", name="out4")
     assert rc == 2 and "unknown projection 'x_proj'" in capsys.readouterr().err
 
@@ -292,7 +347,7 @@ def test_masa_bad_settings_exit_2(tmp_path, capsys) -> None:
 def test_masa_resume_refuses_other_atoms(masa_run, capsys) -> None:
     tmp, out, work = masa_run
     rc, _, _ = _compress(tmp, "--method", "masa", "--group-size", "2", "--ratio", "0.3",
-                         "--targets", "q_proj,k_proj,v_proj,o_proj")
+                         "--masa-atoms", "1", "--targets", "q_proj,k_proj,v_proj,o_proj")
     assert rc == 0  # same settings: nothing to do
     assert "is complete" in capsys.readouterr().out
     rc = main(["-q", "compress", "--model", str(tmp / "model"), "--out", str(out),

@@ -20,6 +20,7 @@ the base's capture time plus the variant's factor and assembly time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -31,7 +32,7 @@ sys.path.insert(0, str(REPO / "tools"))
 import reproduce  # noqa: E402
 
 from cospadi.pipeline.config import make_config  # noqa: E402
-from cospadi.pipeline.manifest import WorkDir, fingerprint  # noqa: E402
+from cospadi.pipeline.manifest import WorkDir, model_fingerprint  # noqa: E402
 from cospadi.pipeline.tasks import Job, run_assemble, run_factor  # noqa: E402
 from cospadi.stages.build_block import load_skeleton  # noqa: E402
 from cospadi.stages.compress_block import plan_groups  # noqa: E402
@@ -44,9 +45,9 @@ CAPTURE_SETTINGS = ("calib_samples", "seq_len", "micro_batch", "attn_implementat
 def check_base(base: Path, model: Path, calib: Path, settings: dict) -> float:
     """Refuse a base whose Grams are not this protocol's; return its capture seconds."""
     manifest = json.loads((base / "manifest.json").read_text())["fingerprint"]
-    current = fingerprint(model, calib, {})
-    if manifest["model"] != current["model"] or \
-            manifest["calibration"] != current["calibration"]:
+    content = hashlib.sha256(calib.read_text(encoding="utf-8").encode("utf-8")).hexdigest()
+    if manifest["model"] != model_fingerprint(model) or \
+            manifest["calibration"].get("content") != content:
         raise SystemExit(f"{base}: captured from another model or calibration text")
     for key in CAPTURE_SETTINGS:
         if manifest["settings"].get(key) != settings[key]:
@@ -86,7 +87,7 @@ def run_variant(run: reproduce.Run, opts, assets: Path, runs: Path, base: Path,
     if not (work / "grams").exists():
         (work / "grams").symlink_to(base.resolve() / "grams", target_is_directory=True)
     groups = tuple(plan_groups(skeleton.num_layers, cfg.group_size))
-    job = Job(config=cfg, model_dir=str(assets / "model"), calib_text=str(assets / "calib.txt"),
+    job = Job(config=cfg, model_dir=str(assets / "model"),
               work_root=str(work), out=str(out), num_layers=skeleton.num_layers,
               groups=groups, device="cpu", dtype=cfg.resolved_dtype())
     print(f"$ factor + assemble {run.name} ({len(groups)} groups)", flush=True)

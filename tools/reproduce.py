@@ -76,7 +76,7 @@ class Run:
     omp_atoms: int = 1  # 1: exact OMP (the paper's); b > 1: gOMP, b atoms per step
     solver: str = "ksvd"  # ksvd (names of earlier records unchanged) | closed
     targets: str = ALL_TARGETS  # projections compressed ("all" or a comma-separated list)
-    masa_atoms: int = 1  # MASA's S
+    masa_atoms: int | str = 1  # MASA's S, or "auto"
 
     @property
     def name(self) -> str:
@@ -109,7 +109,8 @@ class Run:
         omp = "exact OMP" if self.omp_atoms == 1 else f"gOMP {self.omp_atoms} atoms/step"
         kind = METHODS[self.method][1]
         solver = (f"K-SVD {self.iters} it, {omp}, rho {self.rho:g}" if kind == "cospadi"
-                  else f"S = {self.masa_atoms} atoms + whitened SVD" if kind == "masa"
+                  else (f"S = {self.masa_atoms} atoms" if self.masa_atoms != "auto" else
+                        "S per group (0 .. m - 1)") + " + whitened SVD" if kind == "masa"
                   else "SVD")
         if kind == "cospadi" and self.solver == "closed":
             solver = f"closed-form solver {self.iters} it, rho {self.rho:g}"
@@ -553,7 +554,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--targets", default=ALL_TARGETS,
                     help=f"projections every method compresses ({ATTENTION} for attention "
                          "only; default all)")
-    ap.add_argument("--masa-atoms", type=int, default=1, help="MASA's S")
+    ap.add_argument("--masa-atoms", type=lambda t: t if t == "auto" else int(t), default=1,
+                    help="MASA's S, or auto (per group the S, 0 included, of least error)")
     ap.add_argument("--solver", default="ksvd", choices=["ksvd", "closed"],
                     help="CoSpaDi's dictionary solver: ksvd (the paper's, these records') or "
                          "closed")
