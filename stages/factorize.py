@@ -24,7 +24,7 @@ from .factors import DictionaryFactors, Factors, LowRankFactors
 from .omp import DEFAULT_MEMORY_BYTES
 from .sizing import dictionary_shape, svd_rank
 from .solvers import SOLVERS, default_iters, dictionary_solver
-from .supports import orthonormal_codes, parse_support
+from .supports import honours, orthonormal_codes, parse_support
 from .whitening import Whitening, whitening_from_gram
 
 
@@ -184,14 +184,20 @@ def _solve_dictionary(whitened: torch.Tensor, whitening: Whitening,
     d1, d2 = whitened.shape
     shape = dictionary_shape(d1, d2, settings.ratio, settings.rho, settings.support)
     support = parse_support(settings.support)
-    if support.structured:
+    solution = None
+    if not support.structured or settings.solver == "closed":
+        solution = dictionary_solver(settings.solver)(whitened, shape.k, shape.s, settings)
+        if not honours(solution.support, shape.k, support):
+            # a code refitted to exactly zero let another atom fill its column: the
+            # structure is gone (never seen; measure-zero), so take the exact coder
+            solution = None
+    if solution is None:
         factors, stats = _solve_structured(whitened, whitening, shape.k, shape.s, support)
     else:
-        solution = dictionary_solver(settings.solver)(whitened, shape.k, shape.s, settings)
         stats = dict(solution.stats, solver=settings.solver)
         dictionary = whitening.unwhiten(solution.dictionary.to(torch.float64))
         factors = DictionaryFactors(dictionary.float().cpu(), solution.support.cpu(),
-                                    solution.values.float().cpu())
+                                    solution.values.float().cpu(), support.name)
     if "svd_llm_error" not in stats:  # the closed solver has it from its warm start
         rank = svd_rank(d1, d2, settings.ratio).r
         stats["svd_llm_error"] = _tail_error(torch.linalg.svdvals(whitened), rank)
@@ -200,10 +206,9 @@ def _solve_dictionary(whitened: torch.Tensor, whitening: Whitening,
 
 def _solve_structured(whitened: torch.Tensor, whitening: Whitening, k: int, s: int,
                       support) -> tuple[DictionaryFactors, dict]:
-    """Structured supports (``2:4``, ``block<B>``): the exact coder of an orthonormal
-    dictionary (top-k whitened singular vectors, structured top selection of ``U^T W_L``;
-    supports.py), whatever ``--solver`` says: the alternation and refinement of the free
-    solvers would have to honour the structure in every step."""
+    """Structured supports (``2:4``, ``block<B>``) with ``--solver ksvd`` (whose OMP and
+    atom sweep cannot keep a structure): the exact coder of an orthonormal dictionary
+    (top-k whitened singular vectors, structured top selection of ``U^T W_L``)."""
     u, support_idx, values = orthonormal_codes(whitened, k, s, support)
     dictionary = whitening.unwhiten(u.to(torch.float64))
     codes = torch.zeros(k, whitened.shape[1], dtype=whitened.dtype, device=whitened.device)

@@ -45,10 +45,15 @@ DEFAULT_CG_STEPS = 8  # conjugate-gradient steps of a code refit
 
 def solve_closed(whitened: torch.Tensor, k: int, s: int, *, iters: int = DEFAULT_ITERS,
                  refine: int = DEFAULT_REFINE, tol: float = DEFAULT_TOL,
-                 rule: SupportRule = top_s, svd_rank: int | None = None,
+                 rule: SupportRule = top_s, order: torch.Tensor | None = None,
+                 shared_columns: int = 1, svd_rank: int | None = None,
                  dtype: torch.dtype = torch.float64) -> DictionarySolution:
     """``whitened`` (d1 x d2) ~ D S with k atoms and s non-zeros per column.
 
+    ``rule``: the support step (structured supports plug in here); ``order``: the warm
+    start's atoms as a permutation of the singular directions (2:4 interleaves them,
+    ``supports.atom_order``); ``shared_columns``: columns that share one support (block
+    supports), so a proposed support is accepted or refused per block of them.
     ``svd_rank``: SVD-LLM's rank at the same budget, to record its error (stats).
     ``dtype``: precision of the orthonormal alternation (orthonormal steps are well
     conditioned: float32 halves its time on CPU); the SVD, the refinement and the
@@ -70,6 +75,8 @@ def solve_closed(whitened: torch.Tensor, k: int, s: int, *, iters: int = DEFAULT
 
     k0 = min(k, m)
     dictionary = torch.eye(m, k0, dtype=dtype, device=x.device)
+    if order is not None:
+        dictionary = dictionary[:, order.to(x.device)]
     dictionary, codes, errors = _alternate(x.to(dtype), dictionary, s, iters, tol, rule, total)
     stats["warm_error"] = errors[0]
     stats["alternation_iters"] = len(errors) - 1
@@ -77,7 +84,7 @@ def solve_closed(whitened: torch.Tensor, k: int, s: int, *, iters: int = DEFAULT
     if dtype != torch.float64:  # the float64 error of the float32 result
         errors.append(_relative(_residual_energy(x, dictionary, codes), total))
     if k > k0:
-        dictionary, codes = _extend(x, dictionary, codes, k - k0, rule)
+        dictionary, codes = _extend(x, dictionary, codes, k - k0, rule, shared_columns)
         errors.append(_relative(_residual_energy(x, dictionary, codes), total))
     for _ in range(refine):
         dictionary, codes = _refine(x, dictionary, codes)
@@ -179,13 +186,16 @@ def codes_on_support(gram: torch.Tensor, correlations: torch.Tensor, codes: torc
 
 
 def _refit(x: torch.Tensor, dictionary: torch.Tensor, codes: torch.Tensor,
-           proposal: torch.Tensor | None = None) -> torch.Tensor:
+           proposal: torch.Tensor | None = None, shared_columns: int = 1) -> torch.Tensor:
     """Codes refitted on their support (or on the support of ``proposal``, starting from
     its values), kept column by column only where the error falls."""
     gram, correlations = dictionary.T @ dictionary, dictionary.T @ x
     start = codes if proposal is None else proposal
     fresh = codes_on_support(gram, correlations, start)
-    better = _column_energy(x, dictionary, fresh) < _column_energy(x, dictionary, codes)
+    gain = _column_energy(x, dictionary, codes) - _column_energy(x, dictionary, fresh)
+    if shared_columns > 1:  # a block's columns keep or change their support together
+        gain = gain.reshape(-1, shared_columns).sum(dim=1).repeat_interleave(shared_columns)
+    better = gain > 0
     return torch.where(better[None, :], fresh, codes)
 
 
@@ -211,7 +221,7 @@ def _refine(x: torch.Tensor, dictionary: torch.Tensor, codes: torch.Tensor):
 
 
 def _extend(x: torch.Tensor, dictionary: torch.Tensor, codes: torch.Tensor, extra: int,
-            rule: SupportRule):
+            rule: SupportRule, shared_columns: int = 1):
     """k > m: add ``extra`` atoms along the residual's top directions, then let each column
     take the support of its least-squares code on the whole dictionary if that fits it
     better."""
@@ -230,4 +240,4 @@ def _extend(x: torch.Tensor, dictionary: torch.Tensor, codes: torch.Tensor, extr
     full = torch.linalg.lstsq(dictionary, x).solution  # min-norm codes on all k atoms
     support = rule(full.square() * dictionary.square().sum(dim=0)[:, None], s)
     proposal = torch.zeros_like(full).scatter_(0, support, full.gather(0, support))
-    return dictionary, _refit(x, dictionary, codes, proposal)
+    return dictionary, _refit(x, dictionary, codes, proposal, shared_columns)

@@ -5,7 +5,8 @@ per column) and the solver settings to a :class:`DictionarySolution` in whitened
 ``factorize`` whitens before and un-whitens after, so a solver never sees a Gram.
 
 - ``closed`` (default, ``solver_closed.py``): SVD warm start, orthonormal alternation
-  (hard-thresholded codes, Procrustes dictionary), least-squares refinement.
+  (hard-thresholded codes, Procrustes dictionary), least-squares refinement; structured
+  supports (``--support 2:4|block<B>``) through the same steps with their selection rule.
 - ``ksvd`` (``ksvd.py`` + ``omp.py``): the paper's K-SVD with Batch-OMP, for reproduction.
 """
 
@@ -20,7 +21,7 @@ from .factors import DictionarySolution
 from .ksvd import ksvd
 from .sizing import svd_rank
 from .solver_closed import solve_closed
-from .supports import top_s
+from .supports import as_rule, atom_order, parse_support, top_s
 
 if TYPE_CHECKING:
     from .factorize import SolverSettings
@@ -38,9 +39,15 @@ def default_iters(solver: str) -> int:
 def _closed(whitened: torch.Tensor, k: int, s: int, settings: SolverSettings
             ) -> DictionarySolution:
     rank = svd_rank(*whitened.shape, settings.ratio).r  # SVD-LLM's, for the diagnostics
+    support = parse_support(settings.support)
+    # every step keeps the structure: thresholding by the structure's rule is the exact
+    # code of an orthonormal dictionary, and the refinement only refits on the support
+    rule = as_rule(support) if support.structured else top_s
+    order = atom_order(min(k, *whitened.shape), support) if support.structured else None
     return solve_closed(whitened, k, s, iters=settings.solver_iters,
-                        refine=settings.refine_iters, rule=top_s,
-                        svd_rank=rank, dtype=settings.dtype)
+                        refine=settings.refine_iters, rule=rule, order=order,
+                        shared_columns=max(support.block, 1), svd_rank=rank,
+                        dtype=settings.dtype)
 
 
 def _ksvd(whitened: torch.Tensor, k: int, s: int, settings: SolverSettings

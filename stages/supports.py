@@ -115,7 +115,9 @@ def atom_order(k: int, support: Support) -> torch.Tensor:
     unlike importance together. Identity for the other structures."""
     if support.kind != TWO_FOUR:
         return torch.arange(k)
-    return torch.arange(k).reshape(4, k // 4).T.reshape(-1)
+    whole = 4 * (k // 4)  # a warm start of k > m atoms has m, maybe not a multiple of 4
+    return torch.cat([torch.arange(whole).reshape(4, k // 4).T.reshape(-1),
+                      torch.arange(whole, k)])
 
 
 def as_rule(support: Support):
@@ -127,6 +129,19 @@ def as_rule(support: Support):
         mask = select(gains.clamp_min(0).sqrt(), s, support)  # |scores|, same ranking
         return mask.T.nonzero()[:, 1].reshape(gains.shape[1], s).T.contiguous()
     return rule
+
+
+def honours(support_idx: torch.Tensor, k: int, support: Support) -> bool:
+    """Whether a support (s x d2, atoms ascending) has ``support``'s structure."""
+    if support.kind == FREE:
+        return True
+    if support.kind == TWO_FOUR:
+        mask = torch.zeros(k, support_idx.shape[1], dtype=torch.bool,
+                           device=support_idx.device)
+        return is_two_four(mask.scatter_(0, support_idx, True))
+    s, d2 = support_idx.shape
+    blocks = support_idx.reshape(s, d2 // support.block, support.block)
+    return bool((blocks == blocks[:, :, :1]).all())
 
 
 def is_two_four(mask: torch.Tensor) -> bool:

@@ -79,6 +79,7 @@ def run_variant(run: reproduce.Run, opts, assets: Path, runs: Path, base: Path,
         method=method, ratio=run.ratio, group_size=group, iters=run.iters, rho=run.rho,
         seed=run.seed, omp_atoms_per_step=run.omp_atoms, calib_samples=run.calib_samples,
         seq_len=run.seq_len, masa_atoms=run.masa_atoms, solver=run.solver, device="cpu",
+        support=run.support,
         keep_work=True,
         work_dir=str(work), torch_threads=opts.torch_threads,
         **({} if run.targets == reproduce.ALL_TARGETS else {"targets": run.targets})))

@@ -77,6 +77,7 @@ class Run:
     solver: str = "ksvd"  # ksvd (names of earlier records unchanged) | closed
     targets: str = ALL_TARGETS  # projections compressed ("all" or a comma-separated list)
     masa_atoms: int | str = 1  # MASA's S, or "auto"
+    support: str = "free"  # CoSpaDi's code structure (free | 2:4 | block<B>)
 
     @property
     def name(self) -> str:
@@ -85,6 +86,8 @@ class Run:
             it = f"-it{self.iters}" + (f"-gomp{self.omp_atoms}" if self.omp_atoms > 1 else "")
             if self.solver == "closed":
                 it = f"-closed-it{self.iters}"
+            if self.support != "free":
+                it += "-sup" + self.support.replace(":", "of")
         if METHODS[self.method][1] == "masa":
             it = f"-S{self.masa_atoms}"
         scope = "" if self.targets == ALL_TARGETS else \
@@ -98,7 +101,7 @@ class Run:
         if method == "masa":
             extra += ["--masa-atoms", str(self.masa_atoms)]
         if method == "cospadi":
-            extra += ["--solver", self.solver]
+            extra += ["--solver", self.solver, "--support", self.support]
         return ["--method", method, "--ratio", str(self.ratio), "--group-size", str(group),
                 "--propagate", self.propagate, "--iters", str(self.iters),
                 "--calib-samples", str(self.calib_samples), "--seq-len", str(self.seq_len),
@@ -114,6 +117,8 @@ class Run:
                   else "SVD")
         if kind == "cospadi" and self.solver == "closed":
             solver = f"closed-form solver {self.iters} it, rho {self.rho:g}"
+        if kind == "cospadi" and self.support != "free":
+            solver += f", {self.support} supports"
         scope = "" if self.targets == ALL_TARGETS else f"; targets {self.targets}"
         return (f"{solver}; calib {self.calib_samples}x{self.seq_len}; "
                 f"propagate {self.propagate}{scope}")
@@ -277,7 +282,8 @@ def dense_zero_shot(opts: argparse.Namespace, assets: Path, runs: Path,
 def planned_runs(opts: argparse.Namespace) -> list[Run]:
     common = dict(iters=opts.iters, calib_samples=opts.calib_samples, seq_len=opts.seq_len,
                   rho=opts.rho, seed=opts.seed, omp_atoms=opts.omp_atoms_per_step,
-                  targets=opts.targets, masa_atoms=opts.masa_atoms, solver=opts.solver)
+                  targets=opts.targets, masa_atoms=opts.masa_atoms, solver=opts.solver,
+                  support=opts.support)
     runs = [Run(method, ratio, "original", **common)
             for ratio in opts.ratios for method in opts.methods]
     if opts.propagation_ratio is not None and "cospadi" in opts.methods:
@@ -561,6 +567,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                          "closed")
     ap.add_argument("--name", default="smollm2", help="report file stem under RESULTS")
     ap.add_argument("--rho", type=float, default=2.0)
+    ap.add_argument("--support", default="free", help="CoSpaDi: free | 2:4 | block<B>")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=0,
