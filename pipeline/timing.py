@@ -118,9 +118,15 @@ def stage_seconds(plan, cfg, hidden: int, input_dims: dict[str, int], rates: Rat
     whiten = sum(m.count * (2 * m.d1 * m.d1 * m.d2 * m.members
                             + m.d1 * m.d1 * (m.k or m.r or 0)) for m in plan.matrices)
     iters = cfg.iters if cfg.iters is not None else default_iters(cfg.solver)
-    solve = sum(m.count * solve_seconds(m.d1, m.d2 * m.members, m.k, m.s, m.r, cfg.solver,
-                                        iters, cfg.refine_iters, cfg.power_iters, rates)
-                for m in plan.matrices)
+    if cfg.method == "masa":  # per member an SVD and SVD-LLM's reference spectrum, per S tried
+        solve = sum(m.count * m.members * 2 * (m.members if cfg.masa_atoms == "auto" else 1)
+                    * min(m.d1, m.d2) ** 2 * max(m.d1, m.d2) / rates.svd64
+                    for m in plan.matrices)
+    else:
+        solve = sum(m.count * solve_seconds(m.d1, m.d2 * m.members, m.k, m.s, m.r,
+                                            cfg.solver, iters, cfg.refine_iters,
+                                            cfg.power_iters, rates)
+                    for m in plan.matrices)
     return {"capture": capture, "grams": grams,
             "whitening": cholesky + whiten / rates.matmul64, "solve": solve,
             "assembly": output_bytes / rates.disk_write}
