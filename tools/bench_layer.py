@@ -4,7 +4,11 @@
 
 Times ``nn.functional.linear`` with the dense weight against the modeling file's
 ``CospadiDictionaryLinear`` with a free support (bit-mask + 14-bit values, decoded per
-call on CPU) and block supports, on random factors of the pipeline's shapes. Runs are
+call on CPU) and block supports, on random factors of the pipeline's shapes; with
+``--gather``, also a free support held as a per-column atom index (ELL: s x d2 int64, what
+a gather needs; 4x the bit-mask's bytes) applied by one gather, eagerly and compiled by
+``torch.compile`` (inductor's C++ code on CPU): the best torch can do without decoding,
+to show what stops free supports on CPU. Runs are
 interleaved (every form once per round, best of the rounds) so that a busy machine slows
 all forms alike; the table gives microseconds per call and speed relative to dense.
 """
@@ -44,6 +48,21 @@ def layers(d1: int, d2: int, ratio: float, supports: list[str], dtype: torch.dty
     return out
 
 
+def gather_forms(d1: int, d2: int, ratio: float, dtype: torch.dtype) -> dict:
+    """Free support as an atom index per column: ``y_j = sum_t v_tj z[idx_tj]``, z = x D."""
+    g = torch.Generator().manual_seed(2)
+    shape = dictionary_shape(d1, d2, ratio, 2.0, "free")
+    dictionary_t = torch.randn(shape.k, d1, generator=g).to(dtype)
+    index = torch.rand(d2, shape.k, generator=g).argsort(dim=1)[:, :shape.s].sort(dim=1).values
+    values = torch.randn(d2, shape.s, generator=g).to(dtype)
+
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        z = torch.nn.functional.linear(x, dictionary_t)  # rows x k
+        return (z[:, index] * values).sum(dim=-1)  # rows x d2
+
+    return {"gather": gather, "gather-compiled": torch.compile(gather, dynamic=False)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", type=int, nargs=2, default=[576, 1536], metavar=("D1", "D2"))
@@ -53,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=0.2, help="per form per round")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--gather", action="store_true",
+                    help="also the ELL gather, eager and torch.compile'd (batch <= 8)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     d1, d2 = args.shape
@@ -60,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     weight = torch.randn(d2, d1, generator=torch.Generator().manual_seed(1)).to(dtype)
     forms = {"dense": lambda x: torch.nn.functional.linear(x, weight),
              **layers(d1, d2, args.ratio, args.supports, dtype)}
+    if args.gather:
+        forms.update(gather_forms(d1, d2, args.ratio, dtype))
     print(f"{d1} x {d2}, gamma {args.ratio}, bf16, {args.threads} thread(s); us per call "
           "(speed vs dense)")
     for rows in args.rows:
