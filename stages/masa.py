@@ -17,6 +17,11 @@ For one projection type and a group of m layers (weights ``W_l``, d1 x d2, math 
 
 Budget (kept parameters of the group, ``(1 - ratio) m d1 d2``): ``S d1 d2`` atoms + ``m S``
 coefficients + ``R (d1 + d2)`` correction parameters, R the largest total rank that fits.
+
+4. S itself (``--masa-atoms auto``, the default): per group and projection, the S in
+   0 .. m - 1 whose solve has the smallest summed relative error at that same budget. On a
+   model whose layers share no structure an atom is one member's own weight and only moves
+   budget between members; S = 0 (the group's rank spread over its members) refuses that.
 """
 
 from __future__ import annotations

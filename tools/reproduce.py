@@ -328,7 +328,9 @@ def _base_solver(records: list[dict]) -> tuple[int, int]:
 
 
 def _variant(r: dict, base: tuple[int, int]) -> str:
-    """Label suffix of a row whose solver setting differs from the common one."""
+    """Label suffix of a row whose solver setting differs from the common one (MASA: S)."""
+    if METHODS[r["method"]][1] == "masa":
+        return f", S = {r.get('masa_atoms', 1)}"
     if not _is_cospadi(r) or _solver(r) == base:
         return ""
     it, b = _solver(r)
@@ -374,7 +376,7 @@ def targets(records: list[dict]) -> list[str]:
                          f"{comp['ppl']:.2f} vs original {per['ppl']:.2f}")
     for masa in sorted((r for r in records if METHODS[r["method"]][1] == "masa"),
                        key=lambda r: (r["method"], r["ratio"])):
-        g, label = f"gamma {masa['ratio']:g}", METHODS[masa["method"]][0]
+        g, label = f"gamma {masa['ratio']:g}", METHODS[masa["method"]][0] + _variant(masa, base)
         svd = find(masa, "svd-llm")
         if svd:
             q = masa["ppl"] / svd["ppl"]
@@ -389,7 +391,8 @@ def targets(records: list[dict]) -> list[str]:
         if rows:
             best = min(rows, key=lambda r: r["ppl"])
             lines.append(f"- gamma {grp['ratio']:g}: CoSpaDi groups of 2{_variant(grp, base)} "
-                         f"{grp['ppl']:.2f} vs best MASA ({METHODS[best['method']][0]}) "
+                         f"{grp['ppl']:.2f} vs best MASA ({METHODS[best['method']][0]}"
+                         f"{_variant(best, base)}) "
                          f"{best['ppl']:.2f}")
     return lines
 
@@ -490,9 +493,10 @@ def plot(records: list[dict], dense: dict, path: Path) -> None:
     base = _base_solver(records)
     series: dict[tuple, list[dict]] = {}
     for r in records:
-        series.setdefault((r["method"], r["propagate"], _solver(r)), []).append(r)
+        key = (r["method"], r["propagate"], _solver(r), str(r.get("masa_atoms", 1)))
+        series.setdefault(key, []).append(r)
     order = list(METHODS)
-    for (method, propagate, solver), rows in sorted(
+    for (method, propagate, solver, _), rows in sorted(
             series.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1] != "original",
                                        kv[0][2])):
         rows.sort(key=lambda r: r["ratio"])
