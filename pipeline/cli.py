@@ -65,7 +65,9 @@ COMPRESS_FLAGS: dict[str, tuple[Any, str]] = {
                             "buys most (method and size chosen per matrix) | block: the "
                             "same within each block, blocks keeping their uniform bytes"),
     "--allocation-weight": (str, "global allocation's proxy: relative errors weighted by "
-                                   "params | matrices | energy"),
+                                   "params | matrices | energy | loss"),
+    "--allocation-band": (float, "each matrix's bytes within (1 -/+ B) x its uniform "
+                                 "bytes (0: unbounded)"),
     "--shard-size": (str, "largest output shard, e.g. 256MB or 2GB (held in memory once)"),
     "--prune-blocks": (int, "ReplaceMe: remove N consecutive blocks before factorising"),
     "--prune-fit": (str, "lstsq (fold a linear map into the block before) | drop"),

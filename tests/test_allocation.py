@@ -170,6 +170,48 @@ def test_proxy_is_the_weighted_mean_relative_error():
     assert energy[1] / energy[0] == pytest.approx(large.energy / small.energy)
 
 
+def test_loss_weight_is_energy_times_sensitivity():
+    """'loss' weighs a unit's relative error by ||R W||^2 (absolute error) times its
+    output's loss sensitivity; a group averages its members' sensitivities."""
+    small = unit_curve("self_attn.k_proj", (0,), synthetic("hard", 32, 16, seed=7))
+    large = unit_curve("mlp.up_proj", (1, 2), synthetic("hard", 32, 32, seed=8))
+    spec = UniformSpec("cospadi", 0.4, 2.0)
+    sens = {"self_attn.k_proj@0": 3.0, "mlp.up_proj@1": 1.0, "mlp.up_proj@2": 0.5}
+    weights = plan_budgets([small, large], spec, "loss", sensitivity=sens).weights
+    assert weights[0] / weights[1] == pytest.approx(3.0 * small.energy /
+                                                    (0.75 * large.energy))
+    with pytest.raises(ValueError, match="allocation-weight loss.*mlp.up_proj@2"):
+        plan_budgets([small, large], spec, "loss", sensitivity={"self_attn.k_proj@0": 1.0,
+                                                                 "mlp.up_proj@1": 1.0})
+
+
+def test_band_keeps_every_unit_near_its_uniform_bytes():
+    spec = UniformSpec("cospadi", 0.5, 2.0)
+    curves = []
+    for index, kind in enumerate(("easy", "hard", "hard", "easy")):
+        w = synthetic(kind, seed=index)
+        _, _, k, s, _ = spec.option_of(*w.shape)
+        curves.append(unit_curve("mlp.up_proj", (index,), w, extra=((k, s),)))
+    free = plan_budgets(curves, spec, "params")
+    banded = plan_budgets(curves, spec, "params", band=0.25)
+    moved = False
+    for unit, curve in enumerate(curves):
+        base = curve.options[banded.uniform[unit]].bytes
+        chosen = banded.chosen(unit).bytes
+        assert 0.75 * base <= chosen <= 1.25 * base
+        moved |= chosen != base
+    # the unbounded plan leaves the band (else the test shows nothing), the banded one
+    # still moves bytes; a constrained plan is never better than the free one, never worse
+    # than uniform
+    assert any(not 0.75 <= free.chosen(u).bytes / c.options[free.uniform[u]].bytes <= 1.25
+               for u, c in enumerate(curves))
+    assert moved
+    assert free.allocation.value <= banded.allocation.value + 1e-12
+    assert banded.allocation.value < banded.uniform_value
+    with pytest.raises(ValueError, match="allocation-band"):
+        plan_budgets(curves, spec, "params", band=1.0)
+
+
 def test_svd_chosen_where_it_wins_holds_at_equal_bytes():
     """An exactly rank-8 matrix with spread-out singular vectors: at ratio 0.8 rank 8 fits
     the uniform dictionary's bytes and is exact, while that dictionary (s = 6 < 8 codes
