@@ -295,6 +295,7 @@ COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "inspect": cmd_inspect,
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input or state, not a bug in cospadi."""
+    from ..stages.allocation import AllocationError
     from ..stages.assemble import AssembleError
     from ..stages.build_block import ArchitectureError
     from ..stages.calibration import CalibrationError
@@ -305,7 +306,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
     return (ConfigError, ShardError, ArchitectureError, CalibrationError, ResumeRefused,
             LockHeld, FactorFileError, AssembleError, ConnectionError, FileNotFoundError,
-            FileExistsError, LmEvalError)
+            FileExistsError, LmEvalError, AllocationError)
 
 
 def describe_os_error(err: OSError) -> str:

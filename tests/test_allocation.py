@@ -5,6 +5,9 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -339,3 +342,53 @@ def test_global_with_compressed_propagation_refused(tiny, capsys):
     assert main(compress_args(model, text, root / "bad", "--allocation", "global",
                               "--propagate", "compressed")) == 2
     assert "propagate" in capsys.readouterr().err
+
+
+def test_loss_weight_pipeline_with_measured_sensitivity(tiny, tmp_path, capsys):
+    """tools/sensitivity.py measures a_j = E||dL/dy_j||^2 / d_out (checked here against
+    autograd on one projection's output); a loss-weighted run without it stops at the
+    allocation, naming the setting and the file, and resumes once the file is there."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import sensitivity as tool
+
+    root, model, text = tiny
+    flags = ["--model", str(model), "--calib-text", str(text), "--calib-samples", "4",
+             "--seq-len", "32", "--torch-threads", "1"]
+    path = tmp_path / "sensitivity.json"
+    assert tool.main(["--out", str(path), "--micro-batch", "3", *flags]) == 0
+    measured = json.loads(path.read_text())["sensitivity"]
+    assert len(measured) == 2 * 7 and all(v > 0 for v in measured.values())
+    # independent: the gradient of the summed loss at layer 1's v_proj output, all windows
+    from cospadi.pipeline.cli import config_from_args, parse
+    from cospadi.stages.calib_data import calibration_set
+
+    ids = calibration_set(config_from_args(parse(["compress", "--out", "x", *flags])),
+                          str(model)).ids
+    net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    held = []
+
+    def keep(_module, _inputs, output):
+        output.retain_grad()
+        held.append(output)
+    net.model.layers[1].self_attn.v_proj.register_forward_hook(keep)
+    total = 0.0
+    for batch in (ids[:3], ids[3:]):  # the tool's micro-batches
+        logits = net(batch).logits[:, :-1]
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                          batch[:, 1:].reshape(-1), reduction="sum").backward()
+        total += float(held[-1].grad.double().square().sum())
+    d_out = net.model.layers[1].self_attn.v_proj.out_features
+    # float32 gradients summed in another order: agreement to ~1e-5 relative
+    assert measured["self_attn.v_proj@1"] == pytest.approx(total / ids.numel() / d_out,
+                                                           rel=1e-4)
+    out = root / "loss"
+    args = compress_args(model, text, out, "--allocation", "global", "--allocation-weight",
+                         "loss")
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert "allocation-weight loss" in err and "sensitivity.json" in err
+    assert not (out / "config.json").exists()
+    shutil.copy2(path, root / "loss.work" / "sensitivity.json")
+    assert main(args) == 0
+    summary = json.loads((root / "loss.work" / "allocation.json").read_text())
+    assert summary["proxy"] <= summary["uniform_proxy"]
