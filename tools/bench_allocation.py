@@ -2,7 +2,8 @@
 
     python tools/bench_allocation.py [--ratios 0.2,0.3,0.4] [--weights params]
         [--calib-samples 32] [--seq-len 256] [--eval-windows 20] [--torch-threads 1]
-        [--runs runs/allocation] [--results results]
+        [--runs runs/allocation] [--results results] [--scopes global,block]
+        [--bands 0,0.5] [--sensitivity sensitivity.json] [--capture-from WORK]
 
 Same protocol as ``tools/reproduce.py`` (its ``cospadi compress`` / ``eval`` / ``inspect``
 helpers, demo assets, CoSpaDi per layer, rho 2, seed 42, perplexity on the first
@@ -16,7 +17,10 @@ The calibration capture does not depend on the ratio or the allocation, so it ru
 the first run keeps its work directory (``--keep-work``) and every later run starts from
 a work directory seeded with hard links to its Grams and its embed / capture done records
 (under a manifest with the later run's own settings), which the pipeline then resumes.
-Capture time is therefore reported once, not per run.
+Capture time is therefore reported once, not per run. An allocated run also starts from
+the error curves of an earlier allocated run at the same ratio and ``--tag`` (they depend
+on neither the proxy weight nor the band); arms weighted by ``loss`` get ``--sensitivity``
+copied into their work directory.
 
 Writes ``RESULTS/allocation.md`` and ``RESULTS/allocation.json``.
 """
