@@ -72,7 +72,9 @@ COMPRESS_FLAGS: dict[str, tuple[Any, str]] = {
                             "buys most (method and size chosen per matrix) | block: the "
                             "same within each block, blocks keeping their uniform bytes"),
     "--allocation-weight": (str, "global allocation's proxy: relative errors weighted by "
-                                   "params | matrices | energy"),
+                                   "params | matrices | energy | loss"),
+    "--allocation-band": (float, "each matrix's bytes within (1 -/+ B) x its uniform "
+                                 "bytes (0: unbounded)"),
     "--shard-size": (str, "largest output shard, e.g. 256MB or 2GB (held in memory once)"),
     "--prune-blocks": (int, "ReplaceMe: remove N consecutive blocks before factorising"),
     "--prune-fit": (str, "lstsq (fold a linear map into the block before) | drop"),
@@ -300,6 +302,7 @@ COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "inspect": cmd_inspect,
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input or state, not a bug in cospadi."""
+    from ..stages.allocation import AllocationError
     from ..stages.assemble import AssembleError
     from ..stages.build_block import ArchitectureError
     from ..stages.calibration import CalibrationError
@@ -310,7 +313,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
     return (ConfigError, ShardError, ArchitectureError, CalibrationError, ResumeRefused,
             LockHeld, FactorFileError, AssembleError, ConnectionError, FileNotFoundError,
-            FileExistsError, LmEvalError)
+            FileExistsError, LmEvalError, AllocationError)
 
 
 def describe_os_error(err: OSError) -> str:

@@ -70,7 +70,9 @@ class CompressConfig:
     # per matrix where it lowers the proxy most (method, k, s or rank chosen per matrix);
     # block: the same within each block (group), every block keeping its uniform bytes
     allocation_weight: str = "params"  # proxy: relative functional errors weighted by
-    # params (dense size) | matrices (one each) | energy (||R W||^2)
+    # params (dense size) | matrices (one each) | energy (||R W||^2) | loss (||R (W - W_hat)||^2
+    # x the loss sensitivity of the output, from <work>/sensitivity.json)
+    allocation_band: float = 0.0  # > 0: each matrix's bytes within (1 -/+ band) x uniform
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", canonical_targets(self.targets))
@@ -130,6 +132,8 @@ class CompressConfig:
         if self.allocation != "uniform":  # absent when uniform: older work dirs still resume
             settings["allocation"] = self.allocation
             settings["allocation_weight"] = self.allocation_weight
+            if self.allocation_band:
+                settings["allocation_band"] = self.allocation_band
         return settings
 
 
@@ -167,7 +171,7 @@ CHOICES = {
     "bos": ("auto", "always", "never"),
     "prune_fit": ("lstsq", "drop"),
     "allocation": ("uniform", "global", "block"),
-    "allocation_weight": ("params", "matrices", "energy"),
+    "allocation_weight": ("params", "matrices", "energy", "loss"),
 }
 
 
@@ -205,6 +209,8 @@ def validate(cfg: CompressConfig) -> None:
     if cfg.method == "none" and cfg.prune_blocks < 1:
         raise ConfigError("method none (prune only) needs prune-blocks >= 1, got "
                           f"{cfg.prune_blocks}")
+    if not 0.0 <= cfg.allocation_band < 1.0:
+        raise ConfigError(f"allocation-band must lie in [0, 1), got {cfg.allocation_band}")
     if cfg.allocation != "uniform" and cfg.propagate == "compressed":
         raise ConfigError("allocation global needs every block's Grams before the first "
                           "factorisation; it cannot be combined with propagate compressed")

@@ -71,19 +71,27 @@ class BudgetPlan:
 
 
 def plan_budgets(curves: list[UnitCurve], spec: UniformSpec, weighting: str,
-                 parts: list[int] | None = None) -> BudgetPlan:
+                 parts: list[int] | None = None,
+                 sensitivity: dict[str, float] | None = None,
+                 band: float = 0.0) -> BudgetPlan:
     """Allocate the uniform plan's bytes over ``curves`` (order kept).
 
     ``parts`` (one label per unit): each part keeps its own uniform bytes and is allocated
     alone (``--allocation block``: the depth profile stays the uniform plan's); the gap and
-    bound are then the parts' sums.
+    bound are then the parts' sums. ``sensitivity``: per-matrix loss sensitivities for the
+    ``loss`` weighting. ``band`` > 0: every unit's bytes stay within ``(1 -/+ band)`` x its
+    uniform bytes (a trust region where the proxy is least reliable: far from uniform).
     """
-    weights = [proxy_weight(curve, weighting) for curve in curves]
+    weights = [proxy_weight(curve, weighting, sensitivity) for curve in curves]
     scale = sum(weights) or 1.0
     weights = [w / scale for w in weights]  # proxy = weighted mean relative error
-    options = [[(o.bytes, w * o.error) for o in curve.options]
-               for curve, w in zip(curves, weights, strict=True)]
     uniform = [uniform_index(curve, spec) for curve in curves]
+    options = []
+    for curve, w, base in zip(curves, weights, uniform, strict=True):
+        lo, hi = in_band(curve.options[base].bytes, band)
+        # out-of-band options priced out (never chosen, indices kept for the plan)
+        options.append([(o.bytes, w * o.error if lo <= o.bytes <= hi or i == base
+                         else float(BARRED)) for i, o in enumerate(curve.options)])
     budget = sum(curve.options[i].bytes for curve, i in zip(curves, uniform, strict=True))
     if parts is None:
         allocation = allocate(options, budget, reference=uniform)
@@ -91,6 +99,18 @@ def plan_budgets(curves: list[UnitCurve], spec: UniformSpec, weighting: str,
         allocation = _allocate_parts(options, uniform, parts)
     uniform_value = sum(options[u][i][1] for u, i in enumerate(uniform))
     return BudgetPlan(curves, weights, allocation, uniform, uniform_value)
+
+
+BARRED = 1e30  # error of an option outside the band: finite, so the solver's sums stay exact
+
+
+def in_band(uniform_bytes: int, band: float) -> tuple[float, float]:
+    """Bytes a unit may take around its uniform bytes (``band`` 0: any)."""
+    if band < 0 or band >= 1:
+        raise ValueError(f"allocation-band must lie in [0, 1), got {band}")
+    if band == 0:
+        return 0.0, float("inf")
+    return uniform_bytes * (1.0 - band), uniform_bytes * (1.0 + band)
 
 
 def _allocate_parts(options: list[list[tuple[int, float]]], uniform: list[int],

@@ -27,7 +27,7 @@ from .sizing import DENSE_BYTES_PER_PARAM, LowRankShape, dictionary_bytes, dicti
 
 DEFAULT_RHOS = (1.5, 2.0, 3.0, 4.0)
 DEFAULT_FRACTIONS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # kept bytes 0.05..0.95
-WEIGHTS = ("params", "matrices", "energy")
+WEIGHTS = ("params", "matrices", "energy", "loss")
 
 
 @dataclass(frozen=True)
@@ -202,12 +202,16 @@ def calibrated(curve: UnitCurve, k: int, s: int, achieved: float) -> UnitCurve:
     return UnitCurve(curve.projection, curve.layers, curve.d1, curve.d2, curve.energy, options)
 
 
-def proxy_weight(curve: UnitCurve, weighting: str) -> float:
+def proxy_weight(curve: UnitCurve, weighting: str,
+                 sensitivity: dict[str, float] | None = None) -> float:
     """How much one unit's relative error counts in the model-level proxy.
 
     ``params``: by the unit's dense parameters (every weight of the model counts alike);
     ``matrices``: one per member matrix; ``energy``: by ``||R W||^2`` (the absolute
-    functional error, summed over the model).
+    functional error, summed over the model); ``loss``: the absolute error times the
+    loss sensitivity of the unit's output, ``a = E||dL/dy||^2 / d_out`` per member
+    (``sensitivity``, keyed ``projection@layer``; a group's members are averaged), the
+    Fisher estimate of the loss increase the error causes.
     """
     if weighting == "params":
         return float(curve.d1 * curve.d2)
@@ -215,4 +219,10 @@ def proxy_weight(curve: UnitCurve, weighting: str) -> float:
         return float(len(curve.layers))
     if weighting == "energy":
         return curve.energy
+    if weighting == "loss":
+        keys = [unit_key(curve.projection, (layer,)) for layer in curve.layers]
+        missing = [key for key in keys if key not in (sensitivity or {})]
+        if missing:
+            raise ValueError(f"allocation-weight loss: no sensitivity for {', '.join(missing)}")
+        return curve.energy * sum(sensitivity[key] for key in keys) / len(keys)
     raise ValueError(f"proxy weighting must be one of {', '.join(WEIGHTS)}, got {weighting!r}")

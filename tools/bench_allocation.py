@@ -2,7 +2,8 @@
 
     python tools/bench_allocation.py [--ratios 0.2,0.3,0.4] [--weights params]
         [--calib-samples 32] [--seq-len 256] [--eval-windows 20] [--torch-threads 1]
-        [--runs runs/allocation] [--results results]
+        [--runs runs/allocation] [--results results] [--scopes global,block]
+        [--bands 0,0.5] [--sensitivity sensitivity.json] [--capture-from WORK]
 
 Same protocol as ``tools/reproduce.py`` (its ``cospadi compress`` / ``eval`` / ``inspect``
 helpers, demo assets, CoSpaDi per layer, rho 2, seed 42, perplexity on the first
@@ -16,7 +17,10 @@ The calibration capture does not depend on the ratio or the allocation, so it ru
 the first run keeps its work directory (``--keep-work``) and every later run starts from
 a work directory seeded with hard links to its Grams and its embed / capture done records
 (under a manifest with the later run's own settings), which the pipeline then resumes.
-Capture time is therefore reported once, not per run.
+Capture time is therefore reported once, not per run. An allocated run also starts from
+the error curves of an earlier allocated run at the same ratio and ``--tag`` (they depend
+on neither the proxy weight nor the band); arms weighted by ``loss`` get ``--sensitivity``
+copied into their work directory.
 
 Writes ``RESULTS/allocation.md`` and ``RESULTS/allocation.json``.
 """
@@ -54,16 +58,20 @@ def task_seconds(work: Path) -> dict[str, float]:
     return {k: round(v, 2) for k, v in sorted(out.items())}
 
 
-def seed_work(base: Path, work: Path, compress_args: list[str]) -> None:
-    """Start ``work`` from ``base``'s captured Grams (hard links) and capture records."""
+def seed_work(base: Path, work: Path, compress_args: list[str],
+              curves_from: Path | None = None) -> None:
+    """Start ``work`` from ``base``'s captured Grams (hard links) and capture records, and
+    from ``curves_from``'s error curves if given (they depend on neither the proxy weight
+    nor the band)."""
     from cospadi.pipeline.cli import config_from_args, parse
-    from cospadi.pipeline.compress import resolve_model
+    from cospadi.pipeline.compress import check_calibration, resolve_model
     from cospadi.pipeline.manifest import fingerprint
 
     if work.exists() or not (base / "grams").is_dir():
         return
     cfg = config_from_args(parse(compress_args))
-    current = fingerprint(resolve_model(cfg.model), Path(cfg.calib_text),
+    model_dir = resolve_model(cfg.model)
+    current = fingerprint(model_dir, check_calibration(cfg, model_dir),
                           cfg.fingerprint_settings())
     tmp = work.with_name(work.name + ".seed")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -71,6 +79,10 @@ def seed_work(base: Path, work: Path, compress_args: list[str]) -> None:
     (tmp / "done").mkdir()
     for record in [base / "done" / "embed.json", *(base / "done").glob("capture-*.json")]:
         shutil.copy2(record, tmp / "done" / record.name)
+    if curves_from is not None:
+        shutil.copytree(curves_from / "curves", tmp / "curves")
+        for record in (curves_from / "done").glob("curves-*.json"):
+            shutil.copy2(record, tmp / "done" / record.name)
     write_json(tmp / "manifest.json", {"format": "cospadi-work", "version": 1,
                                        "fingerprint": current})
     tmp.rename(work)
@@ -90,20 +102,32 @@ def run_one(ratio: float, arm: str, opts: argparse.Namespace, assets: Path,
             "--ratio", str(ratio), "--rho", str(opts.rho), "--seed", "42",
             "--calib-samples", str(opts.calib_samples), "--seq-len", str(opts.seq_len),
             *opts.extra.split()]
+    curves_from = None
     if arm != "uniform":
-        scope, _, weight = arm.partition("-")
+        scope, weight, *band = arm.split("-")
         args += ["--allocation", scope, "--allocation-weight", weight]
+        if band:
+            args += ["--allocation-band", band[0].removeprefix("b")]
+        curves_from = next((p for p in sorted(runs.glob(f"alloc-*-r{ratio:g}-*{opts.tag}.work"))
+                            if p.name.endswith(f"{opts.tag}.work") and (p / "done").is_dir()
+                            and len(list((p / "done").glob("curves-*.json")))
+                            == len(list((p / "done").glob("capture-*.json")))
+                            and (p / "curves").is_dir()), None)
+    work = runs / f"{name}.work"
     if base is None:
         args.append("--keep-work")  # the shared capture
     else:
-        seed_work(base, runs / f"{name}.work", args)
+        seed_work(base, work, args, curves_from)
+    if arm != "uniform" and weight == "loss":
+        if not opts.sensitivity:
+            raise SystemExit("arm with weight loss: give --sensitivity (tools/sensitivity.py)")
+        shutil.copy2(opts.sensitivity, work / "sensitivity.json")
     start = time.perf_counter()
     cli(args, opts.torch_threads, quiet=opts.quiet)
     seconds = time.perf_counter() - start
     ppl = evaluate(out, assets / "eval.txt", opts.eval_seq_len, opts.eval_windows,
                    opts.torch_threads)
     sizes = json.loads(cli(["inspect", str(out), "--json"], opts.torch_threads).stdout)
-    work = runs / f"{name}.work"
     record = {"run": name, "ratio": ratio, "arm": arm, "ppl": ppl["ppl"],
               "eval_tokens": ppl["tokens"], "compress_seconds": round(seconds, 1),
               "task_seconds": task_seconds(work),
@@ -182,6 +206,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="comma-separated proxy weightings of the global arms")
     ap.add_argument("--scopes", default="global",
                     help="comma-separated allocation scopes of the arms: global, block")
+    ap.add_argument("--bands", default="0", help="comma-separated --allocation-band values "
+                    "of the arms (0: unbounded)")
+    ap.add_argument("--sensitivity", help="sensitivity.json of tools/sensitivity.py (same "
+                    "calibration), for arms weighted by loss")
     ap.add_argument("--rho", type=float, default=2.0)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -202,8 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     assets, runs = Path(opts.assets), Path(opts.runs)
     runs.mkdir(parents=True, exist_ok=True)
     dense = dense_ppl(opts, assets, runs)
-    arms = ["uniform"] + [f"{scope}-{w}" for scope in opts.scopes.split(",") if scope
-                          for w in opts.weights.split(",") if w]
+    arms = ["uniform"] + [f"{scope}-{w}" + (f"-b{b}" if float(b) else "")
+                          for scope in opts.scopes.split(",") if scope
+                          for w in opts.weights.split(",") if w
+                          for b in opts.bands.split(",") if b]
     records = []
     base = Path(opts.capture_from) if opts.capture_from else None
     for ratio in opts.ratios:
