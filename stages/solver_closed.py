@@ -79,9 +79,10 @@ def solve_closed(whitened: torch.Tensor, k: int, s: int, *, iters: int = DEFAULT
     if k > k0:
         dictionary, codes = _extend(x, dictionary, codes, k - k0, rule)
         errors.append(_relative(_residual_energy(x, dictionary, codes), total))
+    columns = _column_energy(x, dictionary, codes)
     for _ in range(refine):
-        dictionary, codes = _refine(x, dictionary, codes)
-        errors.append(_relative(_residual_energy(x, dictionary, codes), total))
+        dictionary, codes, columns = _refine(x, dictionary, codes, columns)
+        errors.append(_relative(columns.sum().item(), total))
         if errors[-2] - errors[-1] <= tol * errors[-2]:
             break
     stats["refine_rounds"] = len(errors) - 1 - stats["alternation_iters"] - (k > k0) \
@@ -183,14 +184,17 @@ def codes_on_support(gram: torch.Tensor, correlations: torch.Tensor, codes: torc
 
 
 def _refit(x: torch.Tensor, dictionary: torch.Tensor, codes: torch.Tensor,
-           proposal: torch.Tensor | None = None) -> torch.Tensor:
+           columns: torch.Tensor, proposal: torch.Tensor | None = None):
     """Codes refitted on their support (or on the support of ``proposal``, starting from
-    its values), kept column by column only where the error falls."""
+    its values), kept column by column only where the error falls. ``columns``: the
+    per-column residual energies of ``codes``; returns the codes and theirs."""
     gram, correlations = dictionary.T @ dictionary, dictionary.T @ x
     start = codes if proposal is None else proposal
     fresh = codes_on_support(gram, correlations, start)
-    better = _column_energy(x, dictionary, fresh) < _column_energy(x, dictionary, codes)
-    return torch.where(better[None, :], fresh, codes)
+    fresh_columns = _column_energy(x, dictionary, fresh)
+    better = fresh_columns < columns
+    return (torch.where(better[None, :], fresh, codes),
+            torch.where(better, fresh_columns, columns))
 
 
 def _least_squares_dictionary(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -202,16 +206,20 @@ def _least_squares_dictionary(x: torch.Tensor, codes: torch.Tensor) -> torch.Ten
     return torch.cholesky_solve((x @ codes.T).T, lower).T
 
 
-def _refine(x: torch.Tensor, dictionary: torch.Tensor, codes: torch.Tensor):
-    """One least-squares round on the fixed support: dictionary, then codes."""
+def _refine(x: torch.Tensor, dictionary: torch.Tensor, codes: torch.Tensor,
+            columns: torch.Tensor):
+    """One least-squares round on the fixed support: dictionary, then codes. ``columns``:
+    the per-column residual energies, carried so that no step recomputes them."""
     fresh = _least_squares_dictionary(x, codes)
-    if _residual_energy(x, fresh, codes) < _residual_energy(x, dictionary, codes):
+    fresh_columns = _column_energy(x, fresh, codes)
+    if fresh_columns.sum() < columns.sum():
         norms = fresh.norm(dim=0)
         used = norms > 0
         # unit atoms (codes rescaled to match): the product is unchanged
         dictionary = torch.where(used[None, :], fresh / norms.clamp_min(1e-300), dictionary)
         codes = codes * torch.where(used, norms, 1.0)[:, None]
-    return dictionary, _refit(x, dictionary, codes)
+        columns = fresh_columns
+    return dictionary, *_refit(x, dictionary, codes, columns)
 
 
 def _extend(x: torch.Tensor, dictionary: torch.Tensor, codes: torch.Tensor, extra: int,
@@ -234,4 +242,5 @@ def _extend(x: torch.Tensor, dictionary: torch.Tensor, codes: torch.Tensor, extr
     full = torch.linalg.lstsq(dictionary, x).solution  # min-norm codes on all k atoms
     support = rule(full.square() * dictionary.square().sum(dim=0)[:, None], s)
     proposal = torch.zeros_like(full).scatter_(0, support, full.gather(0, support))
-    return dictionary, _refit(x, dictionary, codes, proposal)
+    codes, _ = _refit(x, dictionary, codes, _column_energy(x, dictionary, codes), proposal)
+    return dictionary, codes

@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="--quality: skip the groups of two layers")
     parser.add_argument("--ksvd-iters", type=int, default=60)
     parser.add_argument("--closed-iters", type=int, default=15)
-    parser.add_argument("--refine-iters", type=int, default=3)
+    parser.add_argument("--refine-iters", type=int, default=20)
     parser.add_argument("--ksvd-max-elements", type=int, default=10**12,
                         help="--quality: no ksvd (exact or gOMP) on larger matrices (time)")
     parser.add_argument("--jsonl", help="--quality: append one JSON row per matrix here")
