@@ -31,7 +31,7 @@ class CompressConfig:
     rho: float = 2.0  # atoms per non-zero, k / s
     solver: str = "closed"  # dictionary solver: closed (default, fast) | ksvd (the paper's)
     iters: int | None = None  # solver iterations (None: 15 for closed, 60 for ksvd)
-    refine_iters: int = 3  # closed: least-squares rounds on the fixed support
+    refine_iters: int = 20  # closed: least-squares rounds on the fixed support, at most
     power_iters: int = 8  # ksvd: power iterations per atom update
     omp_atoms_per_step: int = 1  # ksvd: 1 exact OMP; b > 1 gOMP (about b x faster, worse codes)
     omp_memory: str | None = None  # ksvd: OMP working memory, e.g. 4GB (None: from free memory)

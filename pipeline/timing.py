@@ -15,7 +15,8 @@ m = min(d1, d2)):
   ``d1^2 k`` to un-whiten each solve (float64);
 - solve: SVD-LLM one SVD (``m^2 max(d1, d2)`` at the SVD rate); ``closed`` that SVD plus
   per alternation iteration ``4 k m d2`` (float32) and an ``m x k`` SVD, plus per
-  refinement round ``4 k m d2 + 2 (steps + 2) k^2 d2`` (float64); ``ksvd`` per iteration
+  refinement round ``8 k m d2 + 2 (steps + 2) k^2 d2`` (float64; every round counted,
+  though the solver stops early when a round gains little); ``ksvd`` per iteration
   ``d2 (k s^2 / 2 + s^3 / 3) + 2 (2p + 1) d1 s d2`` at ``KSVD_MATMUL_FRACTION`` of the
   float32 matmul rate (what Batch-OMP and the atom sweep reached on CPU, README);
 - assembly: the output bytes at the measured write rate.
@@ -31,8 +32,10 @@ from pathlib import Path
 
 import torch
 
+from ..stages.solver_closed import DEFAULT_CG_STEPS
+
 KSVD_MATMUL_FRACTION = 0.05  # measured 0.03-0.06 for K-SVD iterations (README, one core)
-CLOSED_CG_STEPS = 8
+CLOSED_CG_STEPS = DEFAULT_CG_STEPS  # per code refit of a refinement round
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ def solve_seconds(d1: int, d2: int, k: int | None, s: int | None, r: int | None,
         return iters * flops / (KSVD_MATMUL_FRACTION * rates.matmul32)
     k0 = min(k, m)
     iteration = 4 * k0 * m * d2 / rates.matmul32 + m * k0 * k0 / rates.svd64
-    rounds = (4 * k * m * d2 + 2 * (CLOSED_CG_STEPS + 2) * k * k * d2) / rates.matmul64
+    rounds = (8 * k * m * d2 + 2 * (CLOSED_CG_STEPS + 2) * k * k * d2) / rates.matmul64
     return svd + iters * iteration + refine * rounds
 
 

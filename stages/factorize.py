@@ -35,7 +35,7 @@ class SolverSettings:
     rho: float = 2.0
     solver: str = "closed"  # dictionary solver (solvers.py): "closed" or "ksvd"
     iters: int | None = None  # solver iterations (None: the solver's default)
-    refine_iters: int = 3  # closed solver: least-squares rounds on the fixed support
+    refine_iters: int = 20  # closed solver: least-squares rounds on the fixed support, at most
     power_iters: int = 8  # ksvd: power iterations per atom update
     seed: int = 42
     omp_chunk: int = 8192  # ksvd: columns coded at once (upper bound; memory may lower it)

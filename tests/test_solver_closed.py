@@ -86,6 +86,26 @@ def test_k_larger_than_d1_uses_the_extra_atoms():
     assert solution.stats["error"] < 0.97 * alternation
 
 
+def test_refinement_stops_when_a_round_gains_little():
+    """The least-squares rounds run until one gains less than ``tol`` of the error: on a
+    spread spectrum 20 rounds keep paying at tol 0 (each lowers the error), a loose tol
+    stops after the first round that gains less."""
+    matrix = spectrum_matrix(64, 160, seed=13, decay=0.5)
+    shape = dictionary_shape(64, 160, 0.3, 2.0)
+    full = solve_closed(matrix, shape.k, shape.s, refine=20, tol=0.0).stats
+    assert full["refine_rounds"] == 20
+    rounds = full["errors"][-20:]
+    assert rounds[-1] < rounds[0]
+    loose = solve_closed(matrix, shape.k, shape.s, refine=20, tol=0.05).stats
+    # rounds gain 7 %, then 2 % here: it stops after the first round below 5 %
+    count = loose["refine_rounds"]
+    assert 1 <= count < 20
+    errors = loose["errors"][-count - 1:]
+    gains = [1 - b / a for a, b in zip(errors, errors[1:], strict=False)]
+    assert gains[-1] < 0.05 and all(g >= 0.05 for g in gains[:-1])
+    assert loose["error"] >= full["error"]
+
+
 def test_exact_recovery_of_a_planted_orthonormal_dictionary():
     """W = D0 S0 with D0 orthonormal (k <= d1) and s-sparse codes: the solver must reach
     W exactly (float64 rounding) and find every planted atom."""
