@@ -14,6 +14,7 @@ calibrated on the pruned model's own activations.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,11 +31,15 @@ from ..stages.build_block import build_block, load_skeleton
 from ..stages.capture import micro_batches
 from ..stages.projections import module_path
 from ..stages.replaceme import (
+    COSINE_EPOCHS,
+    COSINE_LR,
     DOWN_PROJ,
     MLP,
     FitAccumulator,
     angular_distance_sum,
     choose_window,
+    cosine_batches,
+    fit_cosine,
     fold_down_proj,
     solve_transform,
 )
@@ -49,6 +54,7 @@ from .tasks import Job, device_gate, embed_calibration, task
 log = logging.getLogger("cospadi")
 
 PRUNE_EMBED, PRUNE_FIT, PRUNE_WRITE = "prune-embed", "prune-fit", "prune-write"
+FITTED = ("lstsq", "cosine")  # prune-fit values that fold a map (drop folds none)
 
 
 def scan_name(layer: int) -> str:
@@ -111,7 +117,7 @@ def prune_inputs(job: Job, name: str) -> list[tuple[Path, str]]:
         n = job.config.prune_blocks
         return [(scan_store(work, m), PRUNE_EMBED if m == 0 else scan_name(m - 1))
                 for m in (start - 1, start + n)]
-    if name == PRUNE_WRITE and job.config.prune_fit == "lstsq":
+    if name == PRUNE_WRITE and job.config.prune_fit in FITTED:
         return [(transform_file(work), PRUNE_FIT)]
     return []
 
@@ -225,58 +231,99 @@ def _down_proj_names(job: Job, block_index: int) -> tuple[str, str]:
     return f"{path}.weight", f"{path}.bias"
 
 
+def fit_stores(work: WorkDir) -> tuple[Path, Path]:
+    """The cosine fit's rows: M (block ``l - 1``'s MLP output) and ``h_l - M``."""
+    return work.root / "prune" / "fit_m.zarr", work.root / "prune" / "fit_rest.zarr"
+
+
+def _block_pass(job: Job, start: int, reader, skeleton, fits: FitAccumulator) -> None:
+    """Block ``start - 1`` over ``h_{start-1}``: least-squares sums into ``fits`` and, for
+    the cosine fit, M and ``h_l - M`` to disk (the Adam epochs read them back)."""
+    cfg, work, device = job.config, job.work, torch.device(job.device)
+    before = ActivationReader(scan_store(work, start - 1))
+    after = ActivationReader(scan_store(work, start + cfg.prune_blocks))
+    samples, seq_len, _ = before.shape
+    sinks = contextlib.ExitStack()
+    with device_gate(job.device), torch.no_grad(), sinks:
+        block = build_block(skeleton, reader, start - 1, job.torch_dtype, device)
+        inputs = BlockInputs(skeleton, None, job.torch_dtype, device)
+        stores = [] if cfg.prune_fit != "cosine" else [
+            sinks.enter_context(write_activations(path, before.shape, job.torch_dtype,
+                                                  cfg.micro_batch))
+            for path in fit_stores(work)]
+        seen: list[torch.Tensor] = []
+        handle = block.get_submodule(MLP).register_forward_hook(
+            lambda _m, _a, output: seen.append(output))
+        try:
+            for lo, hi in micro_batches(samples, cfg.micro_batch):
+                hidden = before.read(lo, hi).to(device=device, dtype=job.torch_dtype)
+                seen.clear()
+                out = block(hidden, **inputs.layer_kwargs(start - 1, hi - lo, seq_len))
+                fits.add(seen[0], out, after.read(lo, hi).to(device))
+                if stores:
+                    stores[0].write(lo, seen[0])
+                    stores[1].write(lo, out - seen[0])
+        finally:
+            handle.remove()
+
+
+def _cosine_rows(job: Job, start: int):
+    """``read(lo, hi)`` of the cosine fit: M, ``h_l - M`` and ``h_{l+N}`` token rows."""
+    stores = [ActivationReader(p) for p in fit_stores(job.work)] + \
+        [ActivationReader(scan_store(job.work, start + job.config.prune_blocks))]
+    device = torch.device(job.device)
+
+    def read(lo: int, hi: int) -> tuple[torch.Tensor, ...]:
+        return tuple(store.read(lo, hi).reshape(-1, store.shape[2]).to(
+            device=device, dtype=torch.float32) for store in stores)
+    return read, stores[0].shape[0]
+
+
 @task
 def run_prune_fit(job: Job, *_deps: object) -> str:
-    """Choose the window; with ``lstsq``, fit T and fold it into block ``l - 1``."""
+    """Choose the window; with ``lstsq`` or ``cosine``, fit T and fold it into block l - 1."""
     if is_done(job.work, PRUNE_FIT):
         return PRUNE_FIT
     begin = time.perf_counter()
-    cfg, work, device = job.config, job.work, torch.device(job.device)
+    cfg, work = job.config, job.work
     n = cfg.prune_blocks
     distances = distance_table(job)[n]
     start = choose_window(distances)
     info: dict = {"start": start, "size": n, "distance": distances[start],
                   "fit": cfg.prune_fit}
-    if cfg.prune_fit == "lstsq":
+    if cfg.prune_fit in FITTED:
         skeleton, reader = _source_setup(job)
-        before = ActivationReader(scan_store(work, start - 1))
-        after = ActivationReader(scan_store(work, start + n))
-        samples, seq_len, _ = before.shape
         accumulator = FitAccumulator()
-        with device_gate(job.device), torch.no_grad():
-            block = build_block(skeleton, reader, start - 1, job.torch_dtype, device)
-            inputs = BlockInputs(skeleton, None, job.torch_dtype, device)
-            seen: list[torch.Tensor] = []
-            handle = block.get_submodule(MLP).register_forward_hook(
-                lambda _m, _a, output: seen.append(output))
-            try:
-                for lo, hi in micro_batches(samples, cfg.micro_batch):
-                    hidden = before.read(lo, hi).to(device=device, dtype=job.torch_dtype)
-                    seen.clear()
-                    out = block(hidden, **inputs.layer_kwargs(start - 1, hi - lo, seq_len))
-                    target = after.read(lo, hi).to(device)
-                    accumulator.add(seen[0], out, target)
-            finally:
-                handle.remove()
+        _block_pass(job, start, reader, skeleton, accumulator)
         write_grams(fit_store(work), {"mtm": accumulator.mtm, "mtb": accumulator.mtb},
                     accumulator.tokens)
-        solved = solve_transform(accumulator.mtm, accumulator.mtb)
+        if cfg.prune_fit == "lstsq":
+            solved = solve_transform(accumulator.mtm, accumulator.mtb)
+            matrix = solved.matrix
+            info.update(solve=solved.path, ridge=solved.ridge)
+        else:
+            read, samples = _cosine_rows(job, start)
+            matrix, losses = fit_cosine(
+                accumulator.mtm.shape[0],
+                lambda epoch: cosine_batches(read, samples, cfg.micro_batch, cfg.seed, epoch),
+                torch.device(job.device))
+            info.update(cosine_loss=losses, epochs=COSINE_EPOCHS, lr=COSINE_LR)
         weight_name, bias_name = _down_proj_names(job, start - 1)
         weight = reader.load([weight_name], dtype=torch.float64)[weight_name]
         bias = reader.load([bias_name], dtype=torch.float64)[bias_name] \
             if bias_name in reader else None
-        folded, folded_bias = fold_down_proj(weight, bias, solved.matrix)
-        tensors = {"transform": solved.matrix.cpu().contiguous(),
+        folded, folded_bias = fold_down_proj(weight, bias, matrix)
+        tensors = {"transform": matrix.cpu().contiguous(),
                    weight_name: folded.cpu().contiguous()}
         if folded_bias is not None:
             tensors[bias_name] = folded_bias.cpu().contiguous()
         write_with(transform_file(work),
                    lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-        info.update(solve=solved.path, ridge=solved.ridge, tokens=accumulator.tokens)
+        info.update(tokens=accumulator.tokens)
     mark_done(work, PRUNE_FIT, dict(info, seconds=time.perf_counter() - begin))
     if not cfg.keep_work:
-        remove_tree(scan_dir(work))
-        remove_tree(fit_store(work))
+        for path in (scan_dir(work), fit_store(work), *fit_stores(work)):
+            remove_tree(path)
     log.info("pruning blocks %d..%d (mean angular distance %.4f), fit %s in %.1f s", start,
              start + n - 1, distances[start], cfg.prune_fit, time.perf_counter() - begin)
     return PRUNE_FIT
@@ -295,7 +342,7 @@ def prune_section(job: Job) -> dict:
                "distance": fit["distance"],
                "distances": {str(size): {str(s): d for s, d in sorted(row.items())}
                              for size, row in sorted(table.items())}}
-    for key in ("solve", "ridge", "tokens"):
+    for key in ("solve", "ridge", "tokens", "cosine_loss", "epochs", "lr"):
         if key in fit:
             section[key] = fit[key]
     return section
@@ -310,7 +357,7 @@ def run_prune_write(job: Job, *_deps: object) -> str:
     begin = time.perf_counter()
     fit = _record(job.work, PRUNE_FIT)
     replaced = {}
-    if fit["fit"] == "lstsq":
+    if fit["fit"] in FITTED:
         replaced = {k: v for k, v in read_transform(job.work).items() if k != "transform"}
     skeleton = load_skeleton(job.prune_source, job.config.attn_implementation)
     write_pruned(job.prune_source, prune_output(job), base_prefix=skeleton.base_prefix,
