@@ -41,6 +41,7 @@ from ..stages.replaceme import (
     cosine_batches,
     fit_cosine,
     fold_down_proj,
+    row_norms,
     solve_transform,
 )
 from ..storage.activation_store import ActivationReader, write_activations
@@ -212,9 +213,10 @@ def run_prune_scan(job: Job, layer: int, *_deps: object) -> str:
                 hidden = source.read(lo, hi).to(device=device, dtype=job.torch_dtype)
                 out = block(hidden, **inputs.layer_kwargs(layer, hi - lo, seq_len))
                 sink.write(lo, out)
+                out_norms = row_norms(out)  # once for the N windows ending here
                 for n in sizes:
                     before = hidden if n == 1 else earlier[n].read(lo, hi).to(device)
-                    sums[n] += angular_distance_sum(before, out)[0]
+                    sums[n] += angular_distance_sum(before, out, out_norms)[0]
                 tokens += (hi - lo) * seq_len
     windows = [{"start": layer + 1 - n, "size": n, "distance": sums[n] / tokens}
                for n in sizes]

@@ -109,6 +109,10 @@ def device_gate(device: str):
 def release_memory() -> None:
     """Return freed heap to the OS after a task, so RSS tracks live data, not history."""
     gc.collect()
+    # What survives a task is long-lived (modules, caches): freezing it keeps the next
+    # collect to the objects that task creates. Unfrozen, each collect walked every object
+    # transformers and dask had made (~300k: 0.3 CPU-s per task, ~10 % of a prune-only run).
+    gc.freeze()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     try:

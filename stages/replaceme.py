@@ -46,16 +46,34 @@ class PruneError(ValueError):
     """A pruning setting or model the method cannot handle (the message names it)."""
 
 
-def angular_distance_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
-    """Sum over tokens of ``arccos(cos(a, b)) / pi`` (float64) and the token count.
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``... x d`` as rows, in float32 at least (half-precision sums are too coarse)."""
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
-    ``a`` and ``b``: ``... x d`` hidden states of the same tokens. A zero vector has no
-    direction; its cosine counts as 0 (distance 1/2) rather than NaN.
+
+def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm of every token row of ``x`` (float64 result)."""
+    return torch.linalg.vector_norm(_rows(x), dim=1).to(torch.float64)
+
+
+def angular_distance_sum(a: torch.Tensor, b: torch.Tensor,
+                         b_norms: torch.Tensor | None = None) -> tuple[float, int]:
+    """Sum over tokens of ``arccos(cos(a, b)) / pi`` and the token count.
+
+    ``a`` and ``b``: ``... x d`` hidden states of the same tokens; ``b_norms``: ``b``'s
+    :func:`row_norms` when already known (a scan compares one output with N inputs). Dot
+    products and norms are summed in the inputs' precision (float32 at least: no float64
+    copy of the states, which cost a prune-only run more than its block forwards), the
+    angle in float64. A zero vector has no direction; its cosine counts as 0 (distance
+    1/2) rather than NaN.
     """
-    a = a.reshape(-1, a.shape[-1]).to(torch.float64)
-    b = b.reshape(-1, b.shape[-1]).to(torch.float64)
-    norms = a.norm(dim=1) * b.norm(dim=1)
-    cos = (a * b).sum(dim=1) / norms.clamp_min(torch.finfo(torch.float64).tiny)
+    a, b = _rows(a), _rows(b)
+    if a.dtype != b.dtype:
+        a, b = a.to(torch.float64), b.to(torch.float64)
+    dots = torch.einsum("ij,ij->i", a, b).to(torch.float64)  # row dots, no product copy
+    norms = row_norms(a) * (row_norms(b) if b_norms is None else b_norms)
+    cos = dots / norms.clamp_min(torch.finfo(torch.float64).tiny)
     angle = torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
     return float(angle.sum()), int(a.shape[0])
 
