@@ -2,7 +2,8 @@
 
 ``prune-embed`` and one ``prune-scan-<block>`` per block stream the calibration tokens
 through the original model: scan ``j`` writes ``h_{j+1}`` and the mean angular distance
-of every window of 1..N blocks ending there (kept in its done record). Only the hidden
+of the windows of 1 and N blocks ending there (every size 1..N for the dry run's table),
+kept in its done record. Only the hidden
 states later scans or the best window so far still need stay on disk: ``h_{j-N}`` ..
 ``h_{j+1}``, plus ``h_{l-1}`` and ``h_{l+N}`` of the best window. ``prune-fit`` picks
 the window, runs block ``l - 1`` again to get its MLP output, accumulates ``M^T M`` and
@@ -109,8 +110,9 @@ def prune_inputs(job: Job, name: str) -> list[tuple[Path, str]]:
     if name.startswith("prune-scan-"):
         layer = int(name.rpartition("-")[2])
         first = max(0, layer + 1 - job.config.prune_blocks)
+        reads = range(first, layer + 1) if job.prune_table else sorted({first, layer})
         return [(scan_store(work, m), PRUNE_EMBED if m == 0 else scan_name(m - 1))
-                for m in range(first, layer + 1)]
+                for m in reads]
     if name == PRUNE_FIT:
         start = best_start(job, job.source_layers - 1)
         if start is None:  # scans not finished: they will provide the stores
@@ -199,7 +201,10 @@ def run_prune_scan(job: Job, layer: int, *_deps: object) -> str:
     skeleton, reader = _source_setup(job)
     cfg, work, device = job.config, job.work, torch.device(job.device)
     source = ActivationReader(scan_store(work, layer))
-    sizes = [n for n in range(1, cfg.prune_blocks + 1) if layer + 1 - n >= 1]
+    # the run needs size N only (1 is free: its input is in memory); each other size is one
+    # more store read and distance per scan, so only the dry run's table measures them all
+    wanted = range(1, cfg.prune_blocks + 1) if job.prune_table else {1, cfg.prune_blocks}
+    sizes = sorted(n for n in wanted if layer + 1 - n >= 1)
     earlier = {n: ActivationReader(scan_store(work, layer + 1 - n)) for n in sizes if n > 1}
     sums = dict.fromkeys(sizes, 0.0)
     tokens = 0
@@ -378,7 +383,7 @@ def scan_distances(job: Job) -> dict[int, dict[int, float]]:
     parent = Path(job.work_root).parent
     parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".cospadi-scan-", dir=parent) as tmp:
-        scratch = dataclasses.replace(job, work_root=tmp)
+        scratch = dataclasses.replace(job, work_root=tmp, prune_table=True)
         run_prune_embed(scratch)
         for layer in range(job.source_layers):
             run_prune_scan(scratch, layer)

@@ -236,14 +236,16 @@ def test_bad_prune_settings(tmp_path, capsys, extra, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_post_mlp_norm_refuses_least_squares(tmp_path, capsys):
+@pytest.mark.parametrize("fit", ["lstsq", "cosine"])
+def test_post_mlp_norm_refuses_a_folded_map(tmp_path, capsys, fit):
     model_dir = make_model(tmp_path / "model", "gemma3", layers=4)
     text = calib_text(tmp_path / "calib.txt")
     rc = main(["compress", "--model", str(model_dir), "--out", str(tmp_path / "out"),
                "--calib-text", str(text), "--calib-samples", "2", "--seq-len", "16",
-               "--method", "none", "--prune-blocks", "1"])
+               "--method", "none", "--prune-blocks", "1", "--prune-fit", fit])
     assert rc == 2
-    assert "post_feedforward_layernorm" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "post_feedforward_layernorm" in err and f"prune-fit {fit}" in err
 
 
 def test_dry_run_prints_distance_table(tmp_path, capsys):
