@@ -123,6 +123,9 @@ def timing(opts: argparse.Namespace, assets: Path, runs: Path, n: int, rounds: i
             "cpu", "--method", "none", "--prune-blocks", str(n)], opts.threads)
         out["prune_wall"].append(wall)
         out["prune_cpu"].append(cpu)
+    out["cpu_ratio"] = [p / f for p, f in zip(out["prune_cpu"], out["forward_cpu"], strict=True)]
+    out["wall_ratio"] = [p / f for p, f in zip(out["prune_wall"],
+                                                  out["forward_wall"], strict=True)]
     return out
 
 
@@ -279,6 +282,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--timing", type=int, default=0, help="N: time a prune-only run "
                     "against the calibration forward (interleaved) and exit")
+    ap.add_argument("--rounds", type=int, default=2, help="--timing: interleaved rounds")
     ap.add_argument("--report-only", action="store_true",
                     help="run nothing: report every finished run under RUNS")
     ap.add_argument("--only", default="", help="comma list of run kinds: prune,split,matched")
@@ -290,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     assets, runs = Path(opts.assets), Path(opts.runs)
     runs.mkdir(parents=True, exist_ok=True)
     if opts.timing:
-        result = timing(opts, assets, runs, opts.timing)
+        result = timing(opts, assets, runs, opts.timing, opts.rounds)
         write_json(runs / f"timing-{opts.timing}.json", result)
         print(json.dumps(result, indent=1))
         return 0
