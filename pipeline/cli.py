@@ -77,7 +77,8 @@ COMPRESS_FLAGS: dict[str, tuple[Any, str]] = {
                                  "bytes (0: unbounded)"),
     "--shard-size": (str, "largest output shard, e.g. 256MB or 2GB (held in memory once)"),
     "--prune-blocks": (int, "ReplaceMe: remove N consecutive blocks before factorising"),
-    "--prune-fit": (str, "lstsq (fold a linear map into the block before) | drop"),
+    "--prune-fit": (str, "lstsq | cosine (fold a linear map, least squares or cosine loss, "
+                         "into the block before) | drop"),
 }
 
 

@@ -104,8 +104,8 @@ def check_pruning(cfg: CompressConfig, skeleton: ModelSkeleton) -> None:
         check_prune(skeleton.num_layers, cfg.prune_blocks)
     except PruneError as err:
         raise ConfigError(str(err)) from err
-    if cfg.prune_fit == "lstsq" and has_post_mlp_norm(skeleton.base.layers[0]):
-        raise ConfigError(f"prune-fit lstsq folds its map into mlp.down_proj, but "
+    if cfg.prune_fit != "drop" and has_post_mlp_norm(skeleton.base.layers[0]):
+        raise ConfigError(f"prune-fit {cfg.prune_fit} folds its map into mlp.down_proj, but "
                           f"{skeleton.config.model_type} normalises the MLP output "
                           f"({'/'.join(POST_MLP_NORMS)}) before adding it to the residual, so "
                           "no linear map folds exactly; use --prune-fit drop")

@@ -65,7 +65,7 @@ class CompressConfig:
     shard_size: str = "256MB"  # output shards; assembly holds one shard in memory at a time
     torch_threads: int | None = None  # intra-op threads per process (None: torch default)
     prune_blocks: int = 0  # ReplaceMe: remove this many consecutive blocks first (0: off)
-    prune_fit: str = "lstsq"  # lstsq: fold a least-squares map into the block before; drop
+    prune_fit: str = "lstsq"  # lstsq / cosine: fold a fitted map into the block before; drop
     allocation: str = "uniform"  # uniform: every matrix at --ratio; global: one budget, spent
     # per matrix where it lowers the proxy most (method, k, s or rank chosen per matrix);
     # block: the same within each block (group), every block keeping its uniform bytes
@@ -169,7 +169,7 @@ CHOICES = {
     "attn_implementation": ("auto", "sdpa", "eager"),
     "calib_packing": ("pack", "truncate"),
     "bos": ("auto", "always", "never"),
-    "prune_fit": ("lstsq", "drop"),
+    "prune_fit": ("lstsq", "cosine", "drop"),
     "allocation": ("uniform", "global", "block"),
     "allocation_weight": ("params", "matrices", "energy", "loss"),
 }

@@ -2,7 +2,8 @@
 
 ``prune-embed`` and one ``prune-scan-<block>`` per block stream the calibration tokens
 through the original model: scan ``j`` writes ``h_{j+1}`` and the mean angular distance
-of every window of 1..N blocks ending there (kept in its done record). Only the hidden
+of the windows of 1 and N blocks ending there (every size 1..N for the dry run's table),
+kept in its done record. Only the hidden
 states later scans or the best window so far still need stay on disk: ``h_{j-N}`` ..
 ``h_{j+1}``, plus ``h_{l-1}`` and ``h_{l+N}`` of the best window. ``prune-fit`` picks
 the window, runs block ``l - 1`` again to get its MLP output, accumulates ``M^T M`` and
@@ -14,6 +15,7 @@ calibrated on the pruned model's own activations.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,12 +32,17 @@ from ..stages.build_block import build_block, load_skeleton
 from ..stages.capture import micro_batches
 from ..stages.projections import module_path
 from ..stages.replaceme import (
+    COSINE_EPOCHS,
+    COSINE_LR,
     DOWN_PROJ,
     MLP,
     FitAccumulator,
     angular_distance_sum,
     choose_window,
+    cosine_batches,
+    fit_cosine,
     fold_down_proj,
+    row_norms,
     solve_transform,
 )
 from ..storage.activation_store import ActivationReader, write_activations
@@ -49,6 +56,7 @@ from .tasks import Job, device_gate, embed_calibration, task
 log = logging.getLogger("cospadi")
 
 PRUNE_EMBED, PRUNE_FIT, PRUNE_WRITE = "prune-embed", "prune-fit", "prune-write"
+FITTED = ("lstsq", "cosine")  # prune-fit values that fold a map (drop folds none)
 
 
 def scan_name(layer: int) -> str:
@@ -102,8 +110,9 @@ def prune_inputs(job: Job, name: str) -> list[tuple[Path, str]]:
     if name.startswith("prune-scan-"):
         layer = int(name.rpartition("-")[2])
         first = max(0, layer + 1 - job.config.prune_blocks)
+        reads = range(first, layer + 1) if job.prune_table else sorted({first, layer})
         return [(scan_store(work, m), PRUNE_EMBED if m == 0 else scan_name(m - 1))
-                for m in range(first, layer + 1)]
+                for m in reads]
     if name == PRUNE_FIT:
         start = best_start(job, job.source_layers - 1)
         if start is None:  # scans not finished: they will provide the stores
@@ -111,7 +120,7 @@ def prune_inputs(job: Job, name: str) -> list[tuple[Path, str]]:
         n = job.config.prune_blocks
         return [(scan_store(work, m), PRUNE_EMBED if m == 0 else scan_name(m - 1))
                 for m in (start - 1, start + n)]
-    if name == PRUNE_WRITE and job.config.prune_fit == "lstsq":
+    if name == PRUNE_WRITE and job.config.prune_fit in FITTED:
         return [(transform_file(work), PRUNE_FIT)]
     return []
 
@@ -192,7 +201,10 @@ def run_prune_scan(job: Job, layer: int, *_deps: object) -> str:
     skeleton, reader = _source_setup(job)
     cfg, work, device = job.config, job.work, torch.device(job.device)
     source = ActivationReader(scan_store(work, layer))
-    sizes = [n for n in range(1, cfg.prune_blocks + 1) if layer + 1 - n >= 1]
+    # the run needs size N only (1 is free: its input is in memory); each other size is one
+    # more store read and distance per scan, so only the dry run's table measures them all
+    wanted = range(1, cfg.prune_blocks + 1) if job.prune_table else {1, cfg.prune_blocks}
+    sizes = sorted(n for n in wanted if layer + 1 - n >= 1)
     earlier = {n: ActivationReader(scan_store(work, layer + 1 - n)) for n in sizes if n > 1}
     sums = dict.fromkeys(sizes, 0.0)
     tokens = 0
@@ -206,9 +218,10 @@ def run_prune_scan(job: Job, layer: int, *_deps: object) -> str:
                 hidden = source.read(lo, hi).to(device=device, dtype=job.torch_dtype)
                 out = block(hidden, **inputs.layer_kwargs(layer, hi - lo, seq_len))
                 sink.write(lo, out)
+                out_norms = row_norms(out)  # once for the N windows ending here
                 for n in sizes:
                     before = hidden if n == 1 else earlier[n].read(lo, hi).to(device)
-                    sums[n] += angular_distance_sum(before, out)[0]
+                    sums[n] += angular_distance_sum(before, out, out_norms)[0]
                 tokens += (hi - lo) * seq_len
     windows = [{"start": layer + 1 - n, "size": n, "distance": sums[n] / tokens}
                for n in sizes]
@@ -225,58 +238,99 @@ def _down_proj_names(job: Job, block_index: int) -> tuple[str, str]:
     return f"{path}.weight", f"{path}.bias"
 
 
+def fit_stores(work: WorkDir) -> tuple[Path, Path]:
+    """The cosine fit's rows: M (block ``l - 1``'s MLP output) and ``h_l - M``."""
+    return work.root / "prune" / "fit_m.zarr", work.root / "prune" / "fit_rest.zarr"
+
+
+def _block_pass(job: Job, start: int, reader, skeleton, fits: FitAccumulator) -> None:
+    """Block ``start - 1`` over ``h_{start-1}``: least-squares sums into ``fits`` and, for
+    the cosine fit, M and ``h_l - M`` to disk (the Adam epochs read them back)."""
+    cfg, work, device = job.config, job.work, torch.device(job.device)
+    before = ActivationReader(scan_store(work, start - 1))
+    after = ActivationReader(scan_store(work, start + cfg.prune_blocks))
+    samples, seq_len, _ = before.shape
+    sinks = contextlib.ExitStack()
+    with device_gate(job.device), torch.no_grad(), sinks:
+        block = build_block(skeleton, reader, start - 1, job.torch_dtype, device)
+        inputs = BlockInputs(skeleton, None, job.torch_dtype, device)
+        stores = [] if cfg.prune_fit != "cosine" else [
+            sinks.enter_context(write_activations(path, before.shape, job.torch_dtype,
+                                                  cfg.micro_batch))
+            for path in fit_stores(work)]
+        seen: list[torch.Tensor] = []
+        handle = block.get_submodule(MLP).register_forward_hook(
+            lambda _m, _a, output: seen.append(output))
+        try:
+            for lo, hi in micro_batches(samples, cfg.micro_batch):
+                hidden = before.read(lo, hi).to(device=device, dtype=job.torch_dtype)
+                seen.clear()
+                out = block(hidden, **inputs.layer_kwargs(start - 1, hi - lo, seq_len))
+                fits.add(seen[0], out, after.read(lo, hi).to(device))
+                if stores:
+                    stores[0].write(lo, seen[0])
+                    stores[1].write(lo, out - seen[0])
+        finally:
+            handle.remove()
+
+
+def _cosine_rows(job: Job, start: int):
+    """``read(lo, hi)`` of the cosine fit: M, ``h_l - M`` and ``h_{l+N}`` token rows."""
+    stores = [ActivationReader(p) for p in fit_stores(job.work)] + \
+        [ActivationReader(scan_store(job.work, start + job.config.prune_blocks))]
+    device = torch.device(job.device)
+
+    def read(lo: int, hi: int) -> tuple[torch.Tensor, ...]:
+        return tuple(store.read(lo, hi).reshape(-1, store.shape[2]).to(
+            device=device, dtype=torch.float32) for store in stores)
+    return read, stores[0].shape[0]
+
+
 @task
 def run_prune_fit(job: Job, *_deps: object) -> str:
-    """Choose the window; with ``lstsq``, fit T and fold it into block ``l - 1``."""
+    """Choose the window; with ``lstsq`` or ``cosine``, fit T and fold it into block l - 1."""
     if is_done(job.work, PRUNE_FIT):
         return PRUNE_FIT
     begin = time.perf_counter()
-    cfg, work, device = job.config, job.work, torch.device(job.device)
+    cfg, work = job.config, job.work
     n = cfg.prune_blocks
     distances = distance_table(job)[n]
     start = choose_window(distances)
     info: dict = {"start": start, "size": n, "distance": distances[start],
                   "fit": cfg.prune_fit}
-    if cfg.prune_fit == "lstsq":
+    if cfg.prune_fit in FITTED:
         skeleton, reader = _source_setup(job)
-        before = ActivationReader(scan_store(work, start - 1))
-        after = ActivationReader(scan_store(work, start + n))
-        samples, seq_len, _ = before.shape
         accumulator = FitAccumulator()
-        with device_gate(job.device), torch.no_grad():
-            block = build_block(skeleton, reader, start - 1, job.torch_dtype, device)
-            inputs = BlockInputs(skeleton, None, job.torch_dtype, device)
-            seen: list[torch.Tensor] = []
-            handle = block.get_submodule(MLP).register_forward_hook(
-                lambda _m, _a, output: seen.append(output))
-            try:
-                for lo, hi in micro_batches(samples, cfg.micro_batch):
-                    hidden = before.read(lo, hi).to(device=device, dtype=job.torch_dtype)
-                    seen.clear()
-                    out = block(hidden, **inputs.layer_kwargs(start - 1, hi - lo, seq_len))
-                    target = after.read(lo, hi).to(device)
-                    accumulator.add(seen[0], out, target)
-            finally:
-                handle.remove()
+        _block_pass(job, start, reader, skeleton, accumulator)
         write_grams(fit_store(work), {"mtm": accumulator.mtm, "mtb": accumulator.mtb},
                     accumulator.tokens)
-        solved = solve_transform(accumulator.mtm, accumulator.mtb)
+        if cfg.prune_fit == "lstsq":
+            solved = solve_transform(accumulator.mtm, accumulator.mtb)
+            matrix = solved.matrix
+            info.update(solve=solved.path, ridge=solved.ridge)
+        else:
+            read, samples = _cosine_rows(job, start)
+            matrix, losses = fit_cosine(
+                accumulator.mtm.shape[0],
+                lambda epoch: cosine_batches(read, samples, cfg.micro_batch, cfg.seed, epoch),
+                torch.device(job.device))
+            info.update(cosine_loss=losses, epochs=COSINE_EPOCHS, lr=COSINE_LR)
         weight_name, bias_name = _down_proj_names(job, start - 1)
         weight = reader.load([weight_name], dtype=torch.float64)[weight_name]
         bias = reader.load([bias_name], dtype=torch.float64)[bias_name] \
             if bias_name in reader else None
-        folded, folded_bias = fold_down_proj(weight, bias, solved.matrix)
-        tensors = {"transform": solved.matrix.cpu().contiguous(),
+        folded, folded_bias = fold_down_proj(weight, bias, matrix)
+        tensors = {"transform": matrix.cpu().contiguous(),
                    weight_name: folded.cpu().contiguous()}
         if folded_bias is not None:
             tensors[bias_name] = folded_bias.cpu().contiguous()
         write_with(transform_file(work),
                    lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-        info.update(solve=solved.path, ridge=solved.ridge, tokens=accumulator.tokens)
+        info.update(tokens=accumulator.tokens)
     mark_done(work, PRUNE_FIT, dict(info, seconds=time.perf_counter() - begin))
     if not cfg.keep_work:
-        remove_tree(scan_dir(work))
-        remove_tree(fit_store(work))
+        for path in (scan_dir(work), fit_store(work), *fit_stores(work)):
+            remove_tree(path)
     log.info("pruning blocks %d..%d (mean angular distance %.4f), fit %s in %.1f s", start,
              start + n - 1, distances[start], cfg.prune_fit, time.perf_counter() - begin)
     return PRUNE_FIT
@@ -295,7 +349,7 @@ def prune_section(job: Job) -> dict:
                "distance": fit["distance"],
                "distances": {str(size): {str(s): d for s, d in sorted(row.items())}
                              for size, row in sorted(table.items())}}
-    for key in ("solve", "ridge", "tokens"):
+    for key in ("solve", "ridge", "tokens", "cosine_loss", "epochs", "lr"):
         if key in fit:
             section[key] = fit[key]
     return section
@@ -310,7 +364,7 @@ def run_prune_write(job: Job, *_deps: object) -> str:
     begin = time.perf_counter()
     fit = _record(job.work, PRUNE_FIT)
     replaced = {}
-    if fit["fit"] == "lstsq":
+    if fit["fit"] in FITTED:
         replaced = {k: v for k, v in read_transform(job.work).items() if k != "transform"}
     skeleton = load_skeleton(job.prune_source, job.config.attn_implementation)
     write_pruned(job.prune_source, prune_output(job), base_prefix=skeleton.base_prefix,
@@ -329,7 +383,7 @@ def scan_distances(job: Job) -> dict[int, dict[int, float]]:
     parent = Path(job.work_root).parent
     parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".cospadi-scan-", dir=parent) as tmp:
-        scratch = dataclasses.replace(job, work_root=tmp)
+        scratch = dataclasses.replace(job, work_root=tmp, prune_table=True)
         run_prune_embed(scratch)
         for layer in range(job.source_layers):
             run_prune_scan(scratch, layer)

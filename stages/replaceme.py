@@ -10,12 +10,18 @@ A window of ``n`` consecutive blocks ``[l, l + n)`` is removed and replaced by a
 - *fit*: with ``M`` the MLP output of block ``i`` and ``B = h_{l+n} - h_l + M``, ridge least
   squares ``T = argmin ||M T - B||^2 + lambda ||T||^2`` from the float64 sums ``M^T M`` and
   ``M^T B`` (a relative ``lambda``; Cholesky or its fallbacks, never an inverse);
+- *cosine fit* (``--prune-fit cosine``): ``T`` minimising the mean cosine distance between
+  ``M T + h_l - M`` and ``h_{l+n}``, by Adam over stored rows from ``T = I`` (dropping the
+  window). Least squares is dominated by the few tokens of huge norm (attention sinks) and
+  over a long window lands on a map worse than dropping; the cosine weights every token
+  alike, as the next block's norm does;
 - *fold*: ``down_proj`` computes ``y = x W^T + b``; ``y T`` is ``x (T^T W)^T + T^T b``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +31,12 @@ from .whitening import whitening_from_gram
 
 PRUNE_SECTION = "cospadi_prune"  # config.json section of a pruned checkpoint
 RIDGE = 1e-6  # lambda relative to mean(diag M^T M): conditioning only, as for whitening
+# cosine fit (Adam from T = I, i.e. from dropping the window): settings of the SmolLM2 study
+# (tools/replaceme_fit_study.py), where 10 epochs at 1e-3 took N = 8 from ppl 142 (drop) /
+# 133 (lstsq) to 113; the loss was still falling, so this is a budget, not convergence
+COSINE_EPOCHS = 10
+COSINE_LR = 1e-3
+COSINE_ROWS = 1024  # token rows per Adam step
 MLP = "mlp"  # the module whose output is added to the residual stream
 DOWN_PROJ = "mlp.down_proj"
 POST_MLP_NORMS = ("post_feedforward_layernorm",)  # Gemma 2/3: MLP output normalised first
@@ -34,16 +46,34 @@ class PruneError(ValueError):
     """A pruning setting or model the method cannot handle (the message names it)."""
 
 
-def angular_distance_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
-    """Sum over tokens of ``arccos(cos(a, b)) / pi`` (float64) and the token count.
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``... x d`` as rows, in float32 at least (half-precision sums are too coarse)."""
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
-    ``a`` and ``b``: ``... x d`` hidden states of the same tokens. A zero vector has no
-    direction; its cosine counts as 0 (distance 1/2) rather than NaN.
+
+def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm of every token row of ``x`` (float64 result)."""
+    return torch.linalg.vector_norm(_rows(x), dim=1).to(torch.float64)
+
+
+def angular_distance_sum(a: torch.Tensor, b: torch.Tensor,
+                         b_norms: torch.Tensor | None = None) -> tuple[float, int]:
+    """Sum over tokens of ``arccos(cos(a, b)) / pi`` and the token count.
+
+    ``a`` and ``b``: ``... x d`` hidden states of the same tokens; ``b_norms``: ``b``'s
+    :func:`row_norms` when already known (a scan compares one output with N inputs). Dot
+    products and norms are summed in the inputs' precision (float32 at least: no float64
+    copy of the states, which cost a prune-only run more than its block forwards), the
+    angle in float64. A zero vector has no direction; its cosine counts as 0 (distance
+    1/2) rather than NaN.
     """
-    a = a.reshape(-1, a.shape[-1]).to(torch.float64)
-    b = b.reshape(-1, b.shape[-1]).to(torch.float64)
-    norms = a.norm(dim=1) * b.norm(dim=1)
-    cos = (a * b).sum(dim=1) / norms.clamp_min(torch.finfo(torch.float64).tiny)
+    a, b = _rows(a), _rows(b)
+    if a.dtype != b.dtype:
+        a, b = a.to(torch.float64), b.to(torch.float64)
+    dots = torch.einsum("ij,ij->i", a, b).to(torch.float64)  # row dots, no product copy
+    norms = row_norms(a) * (row_norms(b) if b_norms is None else b_norms)
+    cos = dots / norms.clamp_min(torch.finfo(torch.float64).tiny)
     angle = torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
     return float(angle.sum()), int(a.shape[0])
 
@@ -133,3 +163,53 @@ def fold_down_proj(weight: torch.Tensor, bias: torch.Tensor | None, transform: t
 def kept_layers(depth: int, start: int, size: int) -> list[int]:
     """Original indices of the blocks a pruned model keeps, in order."""
     return [i for i in range(depth) if not start <= i < start + size]
+
+
+def cosine_loss(mlp_out: torch.Tensor, rest: torch.Tensor, target: torch.Tensor,
+                transform: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``1 - cos(M T + rest, target)``, ``rest = h_l - M`` (ReplaceMe's
+    cosine variant: only directions matter, the next block's norm removes the scale)."""
+    pred = mlp_out.to(transform.dtype) @ transform + rest.to(transform.dtype)
+    return (1 - torch.nn.functional.cosine_similarity(pred, target.to(transform.dtype),
+                                                      dim=-1)).mean()
+
+
+def cosine_fit_epoch(transform: torch.Tensor, optimizer: torch.optim.Optimizer,
+                     batches) -> float:
+    """One pass of ``optimizer`` (over ``transform``) through ``(M, rest, target)`` row
+    batches (streamed: one batch in memory); returns the row-weighted mean loss seen."""
+    total, rows = 0.0, 0
+    for mlp_out, rest, target in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss = cosine_loss(mlp_out, rest, target, transform)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * mlp_out.shape[0]
+        rows += mlp_out.shape[0]
+    return total / max(rows, 1)
+
+
+def fit_cosine(dim: int, epoch_batches: Callable[[int], Iterable[tuple]],
+               device: torch.device | str = "cpu", epochs: int = COSINE_EPOCHS,
+               lr: float = COSINE_LR) -> tuple[torch.Tensor, list[float]]:
+    """T (float64) by Adam on the cosine loss from ``T = I``; ``epoch_batches(e)`` yields
+    epoch ``e``'s ``(M, rest, target)`` row batches. Also returns the loss per epoch."""
+    transform = torch.eye(dim, dtype=torch.float32, device=device, requires_grad=True)
+    optimizer = torch.optim.Adam([transform], lr=lr)
+    with torch.enable_grad():
+        losses = [cosine_fit_epoch(transform, optimizer, epoch_batches(e))
+                  for e in range(epochs)]
+    return transform.detach().to(torch.float64), losses
+
+
+def cosine_batches(read: Callable[[int, int], tuple[torch.Tensor, ...]], samples: int,
+                   micro_batch: int, seed: int, epoch: int, rows: int = COSINE_ROWS):
+    """Epoch ``epoch``'s row batches: micro-batches of samples in a seeded order, token rows
+    shuffled within each, ``rows`` per batch. ``read(lo, hi)`` returns the ``(M, rest,
+    target)`` rows of samples ``lo:hi`` (streamed: one micro-batch in memory at a time)."""
+    generator = torch.Generator().manual_seed(seed + epoch)
+    chunks = [(lo, min(lo + micro_batch, samples)) for lo in range(0, samples, micro_batch)]
+    for k in torch.randperm(len(chunks), generator=generator).tolist():
+        tensors = read(*chunks[k])
+        for index in torch.randperm(tensors[0].shape[0], generator=generator).split(rows):
+            yield tuple(t[index] for t in tensors)
