@@ -134,13 +134,19 @@ def test_moves_budget_from_the_easy_to_the_hard_matrix():
     assert plan.allocation.value < 0.6 * plan.uniform_value
 
 
+def _easy_hard_curves(spec, layers) -> list:
+    """Curves of four up_proj matrices, easy / hard / hard / easy; ``layers(i)``: unit i's."""
+    curves = []
+    for index, kind in enumerate(("easy", "hard", "hard", "easy")):
+        w = synthetic(kind, seed=index)
+        _, _, k, s, _ = spec.option_of(*w.shape)
+        curves.append(unit_curve("mlp.up_proj", layers(index), w, extra=((k, s),)))
+    return curves
+
+
 def test_block_scope_keeps_every_block_within_its_uniform_bytes():
     spec = UniformSpec("cospadi", 0.5, 2.0)
-    curves = []
-    for layer, kind in enumerate(("easy", "hard", "hard", "easy")):
-        w = synthetic(kind, seed=layer)
-        _, _, k, s, _ = spec.option_of(*w.shape)
-        curves.append(unit_curve("mlp.up_proj", (layer // 2,), w, extra=((k, s),)))
+    curves = _easy_hard_curves(spec, lambda layer: (layer // 2,))
     parts = [c.layers[0] for c in curves]
     free = plan_budgets(curves, spec, "params")
     block = plan_budgets(curves, spec, "params", parts)
@@ -190,11 +196,7 @@ def test_loss_weight_is_energy_times_sensitivity():
 
 def test_band_keeps_every_unit_near_its_uniform_bytes():
     spec = UniformSpec("cospadi", 0.5, 2.0)
-    curves = []
-    for index, kind in enumerate(("easy", "hard", "hard", "easy")):
-        w = synthetic(kind, seed=index)
-        _, _, k, s, _ = spec.option_of(*w.shape)
-        curves.append(unit_curve("mlp.up_proj", (index,), w, extra=((k, s),)))
+    curves = _easy_hard_curves(spec, lambda index: (index,))
     free = plan_budgets(curves, spec, "params")
     banded = plan_budgets(curves, spec, "params", band=0.25)
     moved = False
