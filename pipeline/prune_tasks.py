@@ -243,9 +243,10 @@ def fit_stores(work: WorkDir) -> tuple[Path, Path]:
     return work.root / "prune" / "fit_m.zarr", work.root / "prune" / "fit_rest.zarr"
 
 
-def _block_pass(job: Job, start: int, reader, skeleton, fits: FitAccumulator) -> None:
-    """Block ``start - 1`` over ``h_{start-1}``: least-squares sums into ``fits`` and, for
-    the cosine fit, M and ``h_l - M`` to disk (the Adam epochs read them back)."""
+def _block_pass(job: Job, start: int, reader, skeleton, fits: FitAccumulator | None) -> None:
+    """Block ``start - 1`` over ``h_{start-1}``: least-squares sums into ``fits`` or, for
+    the cosine fit (``fits`` None), M and ``h_l - M`` to disk (the Adam epochs read them
+    back)."""
     cfg, work, device = job.config, job.work, torch.device(job.device)
     before = ActivationReader(scan_store(work, start - 1))
     after = ActivationReader(scan_store(work, start + cfg.prune_blocks))
@@ -254,7 +255,7 @@ def _block_pass(job: Job, start: int, reader, skeleton, fits: FitAccumulator) ->
     with device_gate(job.device), torch.no_grad(), sinks:
         block = build_block(skeleton, reader, start - 1, job.torch_dtype, device)
         inputs = BlockInputs(skeleton, None, job.torch_dtype, device)
-        stores = [] if cfg.prune_fit != "cosine" else [
+        stores = [] if fits is not None else [
             sinks.enter_context(write_activations(path, before.shape, job.torch_dtype,
                                                   cfg.micro_batch))
             for path in fit_stores(work)]
@@ -266,8 +267,9 @@ def _block_pass(job: Job, start: int, reader, skeleton, fits: FitAccumulator) ->
                 hidden = before.read(lo, hi).to(device=device, dtype=job.torch_dtype)
                 seen.clear()
                 out = block(hidden, **inputs.layer_kwargs(start - 1, hi - lo, seq_len))
-                fits.add(seen[0], out, after.read(lo, hi).to(device))
-                if stores:
+                if fits is not None:
+                    fits.add(seen[0], out, after.read(lo, hi).to(device))
+                else:
                     stores[0].write(lo, seen[0])
                     stores[1].write(lo, out - seen[0])
         finally:
@@ -300,21 +302,23 @@ def run_prune_fit(job: Job, *_deps: object) -> str:
                   "fit": cfg.prune_fit}
     if cfg.prune_fit in FITTED:
         skeleton, reader = _source_setup(job)
-        accumulator = FitAccumulator()
-        _block_pass(job, start, reader, skeleton, accumulator)
-        write_grams(fit_store(work), {"mtm": accumulator.mtm, "mtb": accumulator.mtb},
-                    accumulator.tokens)
         if cfg.prune_fit == "lstsq":
+            accumulator = FitAccumulator()
+            _block_pass(job, start, reader, skeleton, accumulator)
+            write_grams(fit_store(work), {"mtm": accumulator.mtm, "mtb": accumulator.mtb},
+                        accumulator.tokens)
             solved = solve_transform(accumulator.mtm, accumulator.mtb)
             matrix = solved.matrix
-            info.update(solve=solved.path, ridge=solved.ridge)
-        else:
+            info.update(solve=solved.path, ridge=solved.ridge, tokens=accumulator.tokens)
+        else:  # cosine: needs the rows, not the least-squares sums
+            _block_pass(job, start, reader, skeleton, None)
             read, samples = _cosine_rows(job, start)
             matrix, losses = fit_cosine(
-                accumulator.mtm.shape[0],
+                skeleton.config.hidden_size,
                 lambda epoch: cosine_batches(read, samples, cfg.micro_batch, cfg.seed, epoch),
                 torch.device(job.device))
-            info.update(cosine_loss=losses, epochs=COSINE_EPOCHS, lr=COSINE_LR)
+            info.update(cosine_loss=losses, epochs=COSINE_EPOCHS, lr=COSINE_LR,
+                        tokens=samples * cfg.seq_len)
         weight_name, bias_name = _down_proj_names(job, start - 1)
         weight = reader.load([weight_name], dtype=torch.float64)[weight_name]
         bias = reader.load([bias_name], dtype=torch.float64)[bias_name] \
@@ -326,7 +330,6 @@ def run_prune_fit(job: Job, *_deps: object) -> str:
             tensors[bias_name] = folded_bias.cpu().contiguous()
         write_with(transform_file(work),
                    lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-        info.update(tokens=accumulator.tokens)
     mark_done(work, PRUNE_FIT, dict(info, seconds=time.perf_counter() - begin))
     if not cfg.keep_work:
         for path in (scan_dir(work), fit_store(work), *fit_stores(work)):

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .capture import micro_batches
 from .whitening import whitening_from_gram
 
 PRUNE_SECTION = "cospadi_prune"  # config.json section of a pruned checkpoint
@@ -208,7 +209,7 @@ def cosine_batches(read: Callable[[int, int], tuple[torch.Tensor, ...]], samples
     shuffled within each, ``rows`` per batch. ``read(lo, hi)`` returns the ``(M, rest,
     target)`` rows of samples ``lo:hi`` (streamed: one micro-batch in memory at a time)."""
     generator = torch.Generator().manual_seed(seed + epoch)
-    chunks = [(lo, min(lo + micro_batch, samples)) for lo in range(0, samples, micro_batch)]
+    chunks = micro_batches(samples, micro_batch)
     for k in torch.randperm(len(chunks), generator=generator).tolist():
         tensors = read(*chunks[k])
         for index in torch.randperm(tensors[0].shape[0], generator=generator).split(rows):
