@@ -205,13 +205,18 @@ def best_atoms_group(weights: Sequence[torch.Tensor], whitenings: Sequence[objec
     Returns the chosen shape, its result and the error of every candidate that fits.
     """
     d1, d2 = weights[0].shape
-    best, errors = None, {}
+    best, errors, reference = None, {}, None
     for atoms in candidates:
         try:
             shape = masa_shape(d1, d2, len(weights), ratio, atoms)
         except MasaError:
             continue  # these atoms alone exceed the budget
-        solved = masa_group(weights, whitenings, shape, svd_rank)
+        # SVD-LLM's reference errors do not depend on S: computed for the first only
+        solved = masa_group(weights, whitenings, shape, svd_rank if reference is None else None)
+        if reference is None:
+            reference = solved.svd_llm_errors
+        else:
+            solved.svd_llm_errors = reference
         errors[atoms] = sum(solved.relative_errors)
         if best is None or errors[atoms] < errors[best[0].atoms]:
             best = (shape, solved)
