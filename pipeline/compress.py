@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..stages.build_block import ModelSkeleton, load_skeleton
-from ..stages.calib_data import calibration_set
+from ..stages.calib_data import CalibrationSet, calibration_set
 from ..stages.compress_block import plan_groups
 from ..stages.replaceme import PRUNE_SECTION
 from ..storage.durable_dir import remove_stale_temps, remove_tree
@@ -111,12 +111,13 @@ def check_pruning(cfg: CompressConfig, skeleton: ModelSkeleton) -> None:
                           "no linear map folds exactly; use --prune-fit drop")
 
 
-def check_calibration(cfg: CompressConfig, model_dir: Path) -> dict[str, str]:
-    """The calibration set's digest; building it up front fails fast on bad data."""
+def check_calibration(cfg: CompressConfig, model_dir: Path) -> CalibrationSet:
+    """The run's calibration set, built once up front (fails fast on bad data); its digest
+    enters the fingerprint and its windows go to the embed tasks."""
     if not cfg.calib_text and not cfg.calib_data:
         raise ConfigError("calib-text or calib-data is required (a UTF-8 text file, or a "
                           "dataset: local JSON / JSONL / parquet files or a hub id)")
-    return calibration_set(cfg, model_dir).digest
+    return calibration_set(cfg, model_dir)
 
 
 def check_output(out: Path, assembled: bool) -> None:
@@ -188,7 +189,7 @@ def dry_run(cfg: CompressConfig) -> str:
             lines.append(dry_run_allocation(cfg.work_path))
     if not cfg.prune_blocks:
         return "\n".join(lines)
-    check_calibration(cfg, model_dir)
+    calibration = check_calibration(cfg, model_dir)
     job = make_job(cfg, model_dir, skeleton, WorkDir(cfg.work_path), Path(cfg.out or "."))
     act = cfg.calib_samples * cfg.seq_len * skeleton.config.hidden_size * \
         (4 if cfg.resolved_dtype() == "float32" else 2)
@@ -198,7 +199,7 @@ def dry_run(cfg: CompressConfig) -> str:
         disk += "; the pruned checkpoint stays in the work directory until assembly"
     lines.append(disk)
     log.info("dry run: streaming the calibration tokens once for the distance table")
-    lines.append(format_table(scan_distances(job), cfg.prune_blocks))
+    lines.append(format_table(scan_distances(job, calibration.ids), cfg.prune_blocks))
     return "\n".join(lines)
 
 
@@ -213,9 +214,9 @@ def compress(cfg: CompressConfig, restart: bool = False, progress: bool = True
         lock.acquire()  # another run there: refuse at once, not after the slow checks
     try:
         model_dir, skeleton, reader = preflight(cfg)
-        calib = check_calibration(cfg, model_dir)
+        calibration = check_calibration(cfg, model_dir)
         out = Path(cfg.out)
-        current = fingerprint(model_dir, calib, cfg.fingerprint_settings())
+        current = fingerprint(model_dir, calibration.digest, cfg.fingerprint_settings())
         if not lock.held:
             lock.acquire()
         if lock.previous.get("pid"):  # released locks are emptied: that run was killed
@@ -238,7 +239,7 @@ def compress(cfg: CompressConfig, restart: bool = False, progress: bool = True
         if resumed:
             log.info("resuming %s: %d of %d tasks already done", work.root,
                      len(order) - len(pending), len(order))
-        nodes = build_graph(job, done)
+        nodes = build_graph(job, done, calibration.ids)
         bar = tqdm(total=len(order), initial=len(order) - len(pending), desc="compress",
                    unit="task", disable=not progress)
         with logging_redirect_tqdm(loggers=[log]), bar:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import dask
+import torch
 from dask.callbacks import Callback
 from dask.delayed import Delayed
 
@@ -136,8 +137,9 @@ def reconcile(job: Job, done: set[str]) -> set[str]:
     return done
 
 
-def build_graph(job: Job, done: set[str]) -> dict[str, Delayed]:
-    """Delayed objects of the tasks not yet done, keyed (and dask-keyed) by task name."""
+def build_graph(job: Job, done: set[str], ids: torch.Tensor) -> dict[str, Delayed]:
+    """Delayed objects of the tasks not yet done, keyed (and dask-keyed) by task name.
+    ``ids``: the calibration windows, tokenised once by the driver, for the embed tasks."""
     nodes: dict[str, Delayed] = {}
 
     def node(name: str, function: Callable, *args: object) -> object:
@@ -148,14 +150,14 @@ def build_graph(job: Job, done: set[str]) -> dict[str, Delayed]:
         return nodes[name]
 
     if _global(job):
-        _add_global_graph(job, node)
+        _add_global_graph(job, node, ids)
         return nodes
     pruned = []
     if job.prune_source is not None:
-        pruned = [add_prune_nodes(node, job)]
+        pruned = [add_prune_nodes(node, job, ids)]
         if job.config.method == "none":
             return nodes
-    previous = node(EMBED, run_embed, *pruned)  # the task producing the next block's inputs
+    previous = node(EMBED, run_embed, ids, *pruned)  # the task producing the next block's inputs
     factors: list[object] = []
     for group, layers in enumerate(job.groups):
         backpressure = [factors[group - job.config.max_inflight]] \
@@ -172,13 +174,13 @@ def build_graph(job: Job, done: set[str]) -> dict[str, Delayed]:
     return nodes
 
 
-def _add_global_graph(job: Job, node: Callable[..., object]) -> None:
+def _add_global_graph(job: Job, node: Callable[..., object], ids: torch.Tensor) -> None:
     """``--allocation global``: every group's curves, one allocation, then the factor
     tasks. Capturing group g waits for the curves of group g - max_inflight (activations
     stay bounded; Grams are kept until their factor task)."""
     from .allocation_tasks import ALLOCATE, curves_name, run_allocate, run_curves
 
-    previous = node(EMBED, run_embed)
+    previous = node(EMBED, run_embed, ids)
     curves: list[object] = []
     for group, layers in enumerate(job.groups):
         backpressure = [curves[group - job.config.max_inflight]] \

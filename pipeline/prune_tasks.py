@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -45,7 +46,7 @@ from ..stages.replaceme import (
     row_norms,
     solve_transform,
 )
-from ..storage.activation_store import ActivationReader, write_activations
+from ..storage.activation_store import ActivationReader, OverlappedWriter, write_activations
 from ..storage.atomic import write_with
 from ..storage.durable_dir import remove_tree
 from ..storage.gram_store import write_grams
@@ -125,9 +126,10 @@ def prune_inputs(job: Job, name: str) -> list[tuple[Path, str]]:
     return []
 
 
-def add_prune_nodes(node, job: Job) -> object:
-    """Chain the prune tasks through ``node(name, function, *deps)``; returns the last."""
-    previous = node(PRUNE_EMBED, run_prune_embed)
+def add_prune_nodes(node, job: Job, ids: torch.Tensor) -> object:
+    """Chain the prune tasks through ``node(name, function, *deps)``; returns the last.
+    ``ids``: the calibration windows, tokenised once by the driver."""
+    previous = node(PRUNE_EMBED, run_prune_embed, ids)
     for layer in range(job.source_layers):
         previous = node(scan_name(layer), run_prune_scan, layer, previous)
     previous = node(PRUNE_FIT, run_prune_fit, previous)
@@ -181,26 +183,62 @@ def _drop_unneeded_scans(job: Job, layer: int) -> None:
 # tasks -------------------------------------------------------------------------------------
 
 @task
-def run_prune_embed(job: Job) -> str:
+def run_prune_embed(job: Job, ids: torch.Tensor) -> str:
     if is_done(job.work, PRUNE_EMBED):
         return PRUNE_EMBED
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     skeleton, reader = _source_setup(job)
-    embed_calibration(job, job.prune_source, skeleton, reader, scan_store(job.work, 0))
-    mark_done(job.work, PRUNE_EMBED, {"seconds": time.perf_counter() - start})
+    embed_calibration(job, ids, skeleton, reader, scan_store(job.work, 0))
+    mark_done(job.work, PRUNE_EMBED, {"seconds": time.perf_counter() - start,
+                                      "cpu_seconds": time.process_time() - cpu})
     return PRUNE_EMBED
 
 
+# A scan's output, handed to the next scan in memory (the store is still written: resume,
+# the fit and later windows read it) while it is at most this large; larger ones, resumed
+# runs and runs on a dask cluster read the store instead.
+HANDOVER_BYTES = 1 << 30
+
+
+@dataclasses.dataclass
+class Handover:
+    """``h_{layer}`` in memory, from scan ``layer - 1`` to scan ``layer``; taken once, so
+    dask (which keeps every target's result to the end) does not keep the tensor."""
+
+    name: str
+    layer: int
+    hidden: torch.Tensor | None
+
+    def take(self, layer: int) -> torch.Tensor | None:
+        if self.layer != layer:
+            return None
+        hidden, self.hidden = self.hidden, None
+        return hidden
+
+
+def _kept_output(job: Job, layer: int, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """A host tensor for scan ``layer``'s output, or None when it is not handed over."""
+    if layer + 1 >= job.source_layers or job.config.local_scheduler() is None:
+        return None
+    if math.prod(shape) * job.torch_dtype.itemsize > HANDOVER_BYTES:
+        return None
+    return torch.empty(shape, dtype=job.torch_dtype)
+
+
 @task
-def run_prune_scan(job: Job, layer: int, *_deps: object) -> str:
-    """Block ``layer`` over the stored inputs; distances of the windows ending after it."""
+def run_prune_scan(job: Job, layer: int, previous: object = None) -> str | Handover:
+    """Block ``layer`` over its inputs (handed over in memory by the previous scan, else
+    read from the store); writes ``h_{layer+1}`` and the distances of the windows ending
+    after it."""
     name = scan_name(layer)
     if is_done(job.work, name):
         return name
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     skeleton, reader = _source_setup(job)
     cfg, work, device = job.config, job.work, torch.device(job.device)
-    source = ActivationReader(scan_store(work, layer))
+    given = previous.take(layer) if isinstance(previous, Handover) else None
+    source = ActivationReader(scan_store(work, layer)) if given is None else None
+    shape = tuple(given.shape) if given is not None else source.shape
     # the run needs size N only (1 is free: its input is in memory); each other size is one
     # more store read and distance per scan, so only the dry run's table measures them all
     wanted = range(1, cfg.prune_blocks + 1) if job.prune_table else {1, cfg.prune_blocks}
@@ -208,16 +246,21 @@ def run_prune_scan(job: Job, layer: int, *_deps: object) -> str:
     earlier = {n: ActivationReader(scan_store(work, layer + 1 - n)) for n in sizes if n > 1}
     sums = dict.fromkeys(sizes, 0.0)
     tokens = 0
-    samples, seq_len, _ = source.shape
+    samples, seq_len, _ = shape
+    kept = _kept_output(job, layer, shape)
     with device_gate(job.device):
         block = build_block(skeleton, reader, layer, job.torch_dtype, device)
         inputs = BlockInputs(skeleton, None, job.torch_dtype, device)
-        with write_activations(scan_store(work, layer + 1), source.shape, job.torch_dtype,
-                               cfg.micro_batch) as sink, torch.no_grad():
+        with write_activations(scan_store(work, layer + 1), shape, job.torch_dtype,
+                               cfg.micro_batch) as store, OverlappedWriter(store) as sink, \
+                torch.no_grad():
             for lo, hi in micro_batches(samples, cfg.micro_batch):
-                hidden = source.read(lo, hi).to(device=device, dtype=job.torch_dtype)
+                batch = given[lo:hi] if given is not None else source.read(lo, hi)
+                hidden = batch.to(device=device, dtype=job.torch_dtype)
                 out = block(hidden, **inputs.layer_kwargs(layer, hi - lo, seq_len))
-                sink.write(lo, out)
+                sink.write(lo, out)  # in the background, while the distances run
+                if kept is not None:
+                    kept[lo:hi] = out
                 out_norms = row_norms(out)  # once for the N windows ending here
                 for n in sizes:
                     before = hidden if n == 1 else earlier[n].read(lo, hi).to(device)
@@ -225,11 +268,12 @@ def run_prune_scan(job: Job, layer: int, *_deps: object) -> str:
                 tokens += (hi - lo) * seq_len
     windows = [{"start": layer + 1 - n, "size": n, "distance": sums[n] / tokens}
                for n in sizes]
-    mark_done(work, name, {"seconds": time.perf_counter() - start, "tokens": tokens,
+    mark_done(work, name, {"seconds": time.perf_counter() - start,
+                           "cpu_seconds": time.process_time() - cpu, "tokens": tokens,
                            "windows": windows})
     _drop_unneeded_scans(job, layer)
     log.info("block %d: scanned in %.1f s", layer, time.perf_counter() - start)
-    return name
+    return name if kept is None else Handover(name, layer + 1, kept)
 
 
 def _down_proj_names(job: Job, block_index: int) -> tuple[str, str]:
@@ -293,7 +337,7 @@ def run_prune_fit(job: Job, *_deps: object) -> str:
     """Choose the window; with ``lstsq`` or ``cosine``, fit T and fold it into block l - 1."""
     if is_done(job.work, PRUNE_FIT):
         return PRUNE_FIT
-    begin = time.perf_counter()
+    begin, cpu = time.perf_counter(), time.process_time()
     cfg, work = job.config, job.work
     n = cfg.prune_blocks
     distances = distance_table(job)[n]
@@ -330,7 +374,8 @@ def run_prune_fit(job: Job, *_deps: object) -> str:
             tensors[bias_name] = folded_bias.cpu().contiguous()
         write_with(transform_file(work),
                    lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    mark_done(work, PRUNE_FIT, dict(info, seconds=time.perf_counter() - begin))
+    mark_done(work, PRUNE_FIT, dict(info, seconds=time.perf_counter() - begin,
+                                    cpu_seconds=time.process_time() - cpu))
     if not cfg.keep_work:
         for path in (scan_dir(work), fit_store(work), *fit_stores(work)):
             remove_tree(path)
@@ -364,7 +409,7 @@ def run_prune_write(job: Job, *_deps: object) -> str:
 
     if is_done(job.work, PRUNE_WRITE):
         return PRUNE_WRITE
-    begin = time.perf_counter()
+    begin, cpu = time.perf_counter(), time.process_time()
     fit = _record(job.work, PRUNE_FIT)
     replaced = {}
     if fit["fit"] in FITTED:
@@ -373,7 +418,8 @@ def run_prune_write(job: Job, *_deps: object) -> str:
     write_pruned(job.prune_source, prune_output(job), base_prefix=skeleton.base_prefix,
                  start=fit["start"], size=fit["size"], replaced=replaced,
                  section=prune_section(job), max_shard_size=job.config.shard_size)
-    mark_done(job.work, PRUNE_WRITE, {"seconds": time.perf_counter() - begin})
+    mark_done(job.work, PRUNE_WRITE, {"seconds": time.perf_counter() - begin,
+                                      "cpu_seconds": time.process_time() - cpu})
     log.info("pruned checkpoint written to %s in %.1f s", prune_output(job),
              time.perf_counter() - begin)
     return PRUNE_WRITE
@@ -381,15 +427,16 @@ def run_prune_write(job: Job, *_deps: object) -> str:
 
 # dry run -------------------------------------------------------------------------------------
 
-def scan_distances(job: Job) -> dict[int, dict[int, float]]:
+def scan_distances(job: Job, ids: torch.Tensor) -> dict[int, dict[int, float]]:
     """The distance table alone: the scan tasks run in a throwaway work directory."""
     parent = Path(job.work_root).parent
     parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".cospadi-scan-", dir=parent) as tmp:
         scratch = dataclasses.replace(job, work_root=tmp, prune_table=True)
-        run_prune_embed(scratch)
+        run_prune_embed(scratch, ids)
+        previous = None
         for layer in range(job.source_layers):
-            run_prune_scan(scratch, layer)
+            previous = run_prune_scan(scratch, layer, previous)
         return distance_table(scratch)
 
 

@@ -24,7 +24,6 @@ import torch
 
 from ..stages.block_inputs import BlockInputs
 from ..stages.build_block import ModelSkeleton, apply_factors, build_block, load_skeleton
-from ..stages.calib_data import calibration_set
 from ..stages.capture import capture_block, forward_blocks, micro_batches
 from ..stages.compress_block import compress_group
 from ..stages.projections import module_path
@@ -108,6 +107,12 @@ def device_gate(device: str):
             return _LOCAL_GATES.setdefault(device, threading.Lock())
 
 
+@functools.cache
+def _unfreeze_at_exit() -> None:
+    """Registered once per process (gc.get_freeze_count walks every frozen object)."""
+    atexit.register(gc.unfreeze)
+
+
 def release_memory() -> None:
     """Return freed heap to the OS after a task, so RSS tracks live data, not history."""
     gc.collect()
@@ -116,8 +121,7 @@ def release_memory() -> None:
     # transformers and dask had made (~300k: 0.3 CPU-s per task, ~10 % of a prune-only run).
     # Unfrozen at exit, so that interpreter shutdown still collects them (nanobind, via
     # triton, otherwise reports them as leaked).
-    if not gc.get_freeze_count():
-        atexit.register(gc.unfreeze)
+    _unfreeze_at_exit()
     gc.freeze()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -180,12 +184,11 @@ def _input_consumed_by_capture(job: Job, layer: int) -> bool:
     return job.groups[group][0] != layer or not has_propagate(job, group)
 
 
-def embed_calibration(job: Job, model_dir: str, skeleton: ModelSkeleton, reader: ShardReader,
-                      store: Path) -> None:
-    """The calibration windows (tokenised by ``model_dir``'s tokenizer) embedded by the
-    model's own embedding into the activation store ``store``."""
+def embed_calibration(job: Job, ids: torch.Tensor, skeleton: ModelSkeleton,
+                      reader: ShardReader, store: Path) -> None:
+    """The calibration windows ``ids`` (samples x seq_len, tokenised once by the driver)
+    embedded by the model's own embedding into the activation store ``store``."""
     cfg = job.config
-    ids = calibration_set(cfg, model_dir).ids
     with device_gate(job.device):
         inputs = BlockInputs(skeleton, reader, job.torch_dtype, torch.device(job.device))
         shape = (cfg.calib_samples, cfg.seq_len, skeleton.config.hidden_size)
@@ -197,12 +200,12 @@ def embed_calibration(job: Job, model_dir: str, skeleton: ModelSkeleton, reader:
 # tasks -----------------------------------------------------------------------------------
 
 @task
-def run_embed(job: Job, *_deps: object) -> str:
+def run_embed(job: Job, ids: torch.Tensor, *_deps: object) -> str:
     if is_done(job.work, EMBED):
         return EMBED
     start = time.perf_counter()
     skeleton, reader = _setup(job)
-    embed_calibration(job, job.model_dir, skeleton, reader, job.work.activations(0))
+    embed_calibration(job, ids, skeleton, reader, job.work.activations(0))
     mark_done(job.work, EMBED, {"seconds": time.perf_counter() - start})
     log.info("embedded %d x %d calibration tokens", job.config.calib_samples,
              job.config.seq_len)

@@ -44,8 +44,10 @@ class BlockInputs:
     def __init__(self, skeleton: ModelSkeleton, reader: ShardReader | None,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
         self.skeleton, self.dtype, self.device = skeleton, dtype, torch.device(device)
-        self._driver = copy.deepcopy(skeleton.base)  # meta; cheap, no storage
-        self._driver.layers = nn.ModuleList()
+        # meta, no storage; the layers are left out of the copy (memo): deep-copying every
+        # meta layer only to drop them cost ~0.4 s per task, a scan's third on SmolLM2
+        base = skeleton.base
+        self._driver = copy.deepcopy(base, memo={id(base.layers): nn.ModuleList()})
         rotary = build_rotary(skeleton, self.device)
         if rotary is not None:
             self._driver.rotary_emb = rotary

@@ -265,38 +265,12 @@ def dataset_ids(dataset, tokenizer, samples: int, seq_len: int, *, column: str |
 
 # --- the run's calibration set ------------------------------------------------------------
 
-# A run builds its set twice (the up-front check, then the embed task); tokenising a large
-# text file is seconds of CPU each time. Keyed by the file's identity and every setting
-# used; one entry, so a long-lived process holds at most one set.
-_TEXT_CACHE: dict[tuple, CalibrationSet] = {}
-
-
-def _text_key(cfg, model_dir: str | Path) -> tuple | None:
-    try:
-        stat = Path(cfg.calib_text).stat()
-        tok = Path(model_dir).resolve()
-        tok_stats = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns)
-                          for f in sorted(tok.glob("tokenizer*")))
-    except OSError:
-        return None
-    return (str(Path(cfg.calib_text).resolve()), stat.st_size, stat.st_mtime_ns, str(tok),
-            tok_stats, cfg.bos, cfg.calib_samples, cfg.seq_len)
-
-
 def calibration_set(cfg, model_dir: str | Path, tokenizer=None) -> CalibrationSet:
-    """The token windows of a run (``cfg``: a CompressConfig) and their digest."""
-    key = _text_key(cfg, model_dir) if cfg.calib_text and not cfg.calib_data and \
-        tokenizer is None else None
-    if key is not None and key in _TEXT_CACHE:
-        return _TEXT_CACHE[key]
-    result = _build_set(cfg, model_dir, tokenizer)
-    if key is not None:
-        _TEXT_CACHE.clear()
-        _TEXT_CACHE[key] = result
-    return result
+    """The token windows of a run (``cfg``: a CompressConfig) and their digest.
 
-
-def _build_set(cfg, model_dir: str | Path, tokenizer=None) -> CalibrationSet:
+    Built once per run, by the driver (its digest enters the resume fingerprint), and
+    handed to the tasks that embed it: tokenising a large text file is seconds of CPU.
+    """
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
     prefix = bos_prefix(tokenizer, cfg.bos)
     if cfg.calib_data:

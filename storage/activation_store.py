@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,36 @@ def write_activations(path: str | Path, shape: tuple[int, int, int], dtype: torc
             dtype=_STORED[dtype], compressors=[BloscCodec(cname="lz4", clevel=1)],
             attributes={"torch_dtype": str(dtype).removeprefix("torch.")})
         yield ActivationWriter(array, dtype)
+
+
+class OverlappedWriter:
+    """Writes each micro-batch in a background thread while the caller computes the next;
+    at most one write in flight, so at most one batch waits in memory. Leave the context
+    (all writes done, errors raised) before committing the store."""
+
+    def __init__(self, sink: ActivationWriter):
+        self.sink = sink
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cospadi-write")
+        self._pending: Future | None = None
+
+    def write(self, start: int, hidden: torch.Tensor) -> None:
+        self._wait()
+        self._pending = self._pool.submit(self.sink.write, start, hidden)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def __enter__(self) -> OverlappedWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self._wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 class ActivationReader:

@@ -100,12 +100,21 @@ class ShardReader:
         return out
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in ``tensor``. A finite sum proves it in one pass (a NaN or Inf entry
+    makes the sum non-finite); only a non-finite sum, which overflow alone can also cause,
+    pays the exact elementwise check (isfinite of a bf16 tensor costs ~10x its sum)."""
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float32 if tensor.itemsize < 4 else None))):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
 def check_tensor(name: str, tensor: torch.Tensor, shard: str,
                  expected: tuple[int, ...] | None) -> None:
     if expected is not None and tuple(tensor.shape) != tuple(expected):
         raise ShardError(f"tensor {name} in {shard} has shape {tuple(tensor.shape)}, the "
                          f"model config expects {tuple(expected)}")
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if tensor.is_floating_point() and not all_finite(tensor):
         raise ShardError(f"tensor {name} in {shard} holds NaN or Inf values")
 
 

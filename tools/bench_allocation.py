@@ -71,7 +71,7 @@ def seed_work(base: Path, work: Path, compress_args: list[str],
         return
     cfg = config_from_args(parse(compress_args))
     model_dir = resolve_model(cfg.model)
-    current = fingerprint(model_dir, check_calibration(cfg, model_dir),
+    current = fingerprint(model_dir, check_calibration(cfg, model_dir).digest,
                           cfg.fingerprint_settings())
     tmp = work.with_name(work.name + ".seed")
     shutil.rmtree(tmp, ignore_errors=True)

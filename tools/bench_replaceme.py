@@ -69,18 +69,29 @@ def calib_pass_seconds(assets: Path, samples: int, seq_len: int, threads: int) -
 
 
 FORWARD = r"""
-import json, sys, time, torch
+import time
+cpu0, wall0 = time.process_time(), time.perf_counter()
+phases = {}
+def phase(name):
+    global cpu0, wall0
+    cpu, wall = time.process_time(), time.perf_counter()
+    phases[name] = {"cpu": cpu - cpu0, "wall": wall - wall0}
+    cpu0, wall0 = cpu, wall
+import json, sys, torch
 from transformers import AutoModelForCausalLM
 from cospadi.stages.calibration import calibration_ids, load_tokenizer, read_text
 model_dir, text, samples, seq_len, threads = sys.argv[1:6]
 torch.set_num_threads(int(threads))
+phase("import")
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+phase("load")
 ids = calibration_ids(read_text(text), load_tokenizer(model_dir), int(samples), int(seq_len))
-wall, cpu = time.perf_counter(), time.process_time()
+phase("tokenise")
 with torch.no_grad():
     for lo in range(0, int(samples), 8):
         model.model(ids[lo:lo + 8])
-print(json.dumps({"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}))
+phase("forward")
+print(json.dumps(phases))
 """
 
 
@@ -89,7 +100,8 @@ def child_cpu(command: list[str], threads: int) -> tuple[float, float, str]:
     import resource
     import subprocess
 
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True)
@@ -100,32 +112,55 @@ def child_cpu(command: list[str], threads: int) -> tuple[float, float, str]:
 
 def timing(opts: argparse.Namespace, assets: Path, runs: Path, n: int, rounds: int = 2
            ) -> dict:
-    """Prune-only run against one whole-model calibration forward, interleaved."""
+    """A prune-only run against one calibration pass, interleaved, two ways.
+
+    (a) process against process: ``cospadi compress --method none --prune-blocks N`` to its
+    exit (checkpoint written) against a fresh process that imports torch and transformers,
+    loads the model from the same shards, tokenises the same calibration set and runs the
+    decoder stack over it once (transformers, float32, 8 samples per forward);
+    (b) in task: the scan tasks' CPU seconds against that process's forward alone.
+    """
     import shutil
 
-    out: dict[str, list] = {"forward_wall": [], "forward_cpu": [], "prune_wall": [],
-                            "prune_cpu": []}
+    rows = []
     for index in range(rounds):
-        _, _, printed = child_cpu([sys.executable, "-c", FORWARD, str(assets / "model"),
-                                   str(assets / "calib.txt"), str(opts.calib_samples),
-                                   str(opts.seq_len), str(opts.threads)], opts.threads)
-        forward = json.loads(printed.strip().splitlines()[-1])
-        out["forward_wall"].append(forward["wall"])
-        out["forward_cpu"].append(forward["cpu"])
-        target = runs / f"timing-{index}"
+        load = os.getloadavg()[0]
+        wall, cpu, printed = child_cpu([
+            sys.executable, "-c", FORWARD, str(assets / "model"), str(assets / "calib.txt"),
+            str(opts.calib_samples), str(opts.seq_len), str(opts.threads)], opts.threads)
+        phases = json.loads(printed.strip().splitlines()[-1])
+        target, work = runs / f"timing-{index}", runs / f"timing-{index}.work"
         shutil.rmtree(target, ignore_errors=True)
-        shutil.rmtree(runs / f"timing-{index}.work", ignore_errors=True)
-        wall, cpu, _ = child_cpu([
+        shutil.rmtree(work, ignore_errors=True)
+        p_wall, p_cpu, _ = child_cpu([
             sys.executable, "-m", "cospadi.pipeline.cli", "-q", "compress", "--model",
             str(assets / "model"), "--out", str(target), "--calib-text",
             str(assets / "calib.txt"), "--calib-samples", str(opts.calib_samples),
             "--seq-len", str(opts.seq_len), "--torch-threads", str(opts.threads), "--device",
             "cpu", "--method", "none", "--prune-blocks", str(n)], opts.threads)
-        out["prune_wall"].append(wall)
-        out["prune_cpu"].append(cpu)
-    out["cpu_ratio"] = [p / f for p, f in zip(out["prune_cpu"], out["forward_cpu"], strict=True)]
-    out["wall_ratio"] = [p / f for p, f in zip(out["prune_wall"],
-                                                  out["forward_wall"], strict=True)]
+        tasks = task_cpu(work)
+        row = {"load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2),
+               "forward_process": {"wall": wall, "cpu": cpu}, "forward_phases": phases,
+               "prune_process": {"wall": p_wall, "cpu": p_cpu}, "prune_tasks": tasks,
+               "a_cpu": p_cpu / cpu, "a_wall": p_wall / wall}
+        if "scan" in tasks:
+            row["b_cpu"] = tasks["scan"]["cpu"] / phases["forward"]["cpu"]
+            row["b_wall"] = tasks["scan"]["wall"] / phases["forward"]["wall"]
+        print(json.dumps({k: row[k] for k in ("load_before", "a_cpu", "a_wall", "b_cpu",
+                                               "b_wall") if k in row}), flush=True)
+        rows.append(row)
+    return {"rounds": rows}
+
+
+def task_cpu(work: Path) -> dict[str, dict[str, float]]:
+    """Wall and process CPU seconds per kind of prune task, from the done records."""
+    out: dict[str, dict[str, float]] = {}
+    for path in (work / "done").glob("prune-*.json"):
+        record = json.loads(path.read_text())
+        kind = "scan" if path.stem.startswith("prune-scan") else path.stem
+        slot = out.setdefault(kind, {"wall": 0.0, "cpu": 0.0})
+        slot["wall"] += record.get("seconds", 0.0)
+        slot["cpu"] += record.get("cpu_seconds", 0.0)
     return out
 
 
