@@ -182,7 +182,7 @@ def _drop_unneeded_scans(job: Job, layer: int) -> None:
 
 # tasks -------------------------------------------------------------------------------------
 
-@task
+@task(heap_limit=False)
 def run_prune_embed(job: Job, ids: torch.Tensor) -> str:
     if is_done(job.work, PRUNE_EMBED):
         return PRUNE_EMBED
@@ -225,7 +225,7 @@ def _kept_output(job: Job, layer: int, shape: tuple[int, ...]) -> torch.Tensor |
     return torch.empty(shape, dtype=job.torch_dtype)
 
 
-@task
+@task(heap_limit=False)
 def run_prune_scan(job: Job, layer: int, previous: object = None) -> str | Handover:
     """Block ``layer`` over its inputs (handed over in memory by the previous scan, else
     read from the store); writes ``h_{layer+1}`` and the distances of the windows ending
@@ -332,7 +332,7 @@ def _cosine_rows(job: Job, start: int):
     return read, stores[0].shape[0]
 
 
-@task
+@task(heap_limit=False)
 def run_prune_fit(job: Job, *_deps: object) -> str:
     """Choose the window; with ``lstsq`` or ``cosine``, fit T and fold it into block l - 1."""
     if is_done(job.work, PRUNE_FIT):

@@ -311,3 +311,99 @@ def test_killed_prune_resumes_byte_identical(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main([*args("run"), "--prune-blocks", "2"]) == 2
     assert "prune-blocks 1 -> 2" in capsys.readouterr().err
+
+
+# prune-only speed: the in-memory handover, the background writes, tokenising once -----------
+
+def _prune_args(model_dir, text, out):
+    return ["-q", "compress", "--model", str(model_dir), "--out", str(out), "--calib-text",
+            str(text), "--calib-samples", str(SAMPLES), "--seq-len", str(SEQ),
+            "--micro-batch", "4", "--method", "none", "--prune-blocks", str(N),
+            "--dtype", "float32"]
+
+
+def test_handover_in_memory_equals_reading_the_store(tmp_path, monkeypatch):
+    """Each scan takes its input from the previous scan in memory; with the handover off
+    (HANDOVER_BYTES 0: large activations) every scan reads the store. Same bytes out, and
+    the memory path opens one store fewer per handed-over scan."""
+    from cospadi.pipeline import prune_tasks
+
+    model_dir = make_model(tmp_path / "model", "llama", layers=LAYERS)
+    text = calib_text(tmp_path / "calib.txt")
+    opened: list[str] = []
+
+    class Counting(prune_tasks.ActivationReader):
+        def __init__(self, path):
+            opened.append(str(path))
+            super().__init__(path)
+
+    monkeypatch.setattr(prune_tasks, "ActivationReader", Counting)
+    assert main(_prune_args(model_dir, text, tmp_path / "memory")) == 0
+    in_memory = len(opened)
+    opened.clear()
+    monkeypatch.setattr(prune_tasks, "HANDOVER_BYTES", 0)
+    assert main(_prune_args(model_dir, text, tmp_path / "store")) == 0
+    # scans 1..LAYERS-1 get their input in memory (scan 0 reads the embedding's store)
+    assert len(opened) - in_memory == LAYERS - 1
+    assert _tree(tmp_path / "memory") == _tree(tmp_path / "store")
+
+
+def test_overlapped_writer_raises_and_commits_nothing(tmp_path):
+    from cospadi.storage.activation_store import OverlappedWriter, write_activations
+
+    class Failing:
+        def __init__(self, sink):
+            self.sink, self.calls = sink, 0
+
+        def write(self, start, hidden):
+            self.calls += 1
+            if self.calls == 2:
+                raise OSError("disk full")
+            self.sink.write(start, hidden)
+
+    target = tmp_path / "h.zarr"
+    with pytest.raises(OSError, match="disk full"):
+        with write_activations(target, (4, 3, 2), torch.float32, 2) as store, \
+                OverlappedWriter(Failing(store)) as sink:
+            sink.write(0, torch.ones(2, 3, 2))
+            sink.write(2, torch.ones(2, 3, 2))  # fails in the background
+    assert not target.exists() and not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_prune_then_compress_tokenises_once(tmp_path, monkeypatch):
+    """The driver tokenises the calibration set once and hands it to both embed tasks
+    (prune-embed on the original model, embed on the pruned one)."""
+    from cospadi.stages import calib_data
+
+    calls = []
+    original = calib_data.calibration_ids
+    monkeypatch.setattr(calib_data, "calibration_ids",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    model_dir = make_model(tmp_path / "model", "llama", layers=LAYERS)
+    text = calib_text(tmp_path / "calib.txt")
+    args = _prune_args(model_dir, text, tmp_path / "out")
+    assert main([*args[:-6], "--method", "svd-llm", "--ratio", "0.3", "--prune-blocks",
+                 str(N)]) == 0
+    assert len(calls) == 1
+
+
+def test_block_inputs_leave_the_skeleton_whole(tmp_path):
+    """The driver copy leaves the layers out (memo) without touching the shared skeleton."""
+    from cospadi.stages.block_inputs import BlockInputs
+    from cospadi.stages.build_block import load_skeleton
+
+    skeleton = load_skeleton(make_model(tmp_path / "model", "llama", layers=LAYERS))
+    inputs = BlockInputs(skeleton, None, torch.float32)
+    assert len(skeleton.base.layers) == LAYERS and len(inputs._driver.layers) == 0
+    assert "position_embeddings" in inputs.layer_kwargs(LAYERS - 1, 2, SEQ)
+    assert len(BlockInputs(skeleton, None, torch.float32)._driver.layers) == 0
+
+
+def test_all_finite_fast_path_and_overflow():
+    from cospadi.storage.shards import all_finite
+
+    assert all_finite(torch.randn(64, 8).bfloat16())
+    assert not all_finite(torch.tensor([1.0, float("nan")]).bfloat16())
+    assert not all_finite(torch.tensor([1.0, float("-inf")], dtype=torch.float64))
+    # the sum overflows although every entry is finite: the exact check decides
+    assert all_finite(torch.tensor([3e38, 3e38]))

@@ -149,6 +149,7 @@ def timing(opts: argparse.Namespace, assets: Path, runs: Path, n: int, rounds: i
         print(json.dumps({k: row[k] for k in ("load_before", "a_cpu", "a_wall", "b_cpu",
                                                "b_wall") if k in row}), flush=True)
         rows.append(row)
+        write_json(runs / f"timing-{n}.json", {"rounds": rows})  # each round as it ends
     return {"rounds": rows}
 
 
