@@ -141,20 +141,6 @@ def read_curves(job: Job) -> list[UnitCurve]:
     return curves
 
 
-def sensitivity_path(job: Job) -> Path:
-    return job.work.root / "sensitivity.json"
-
-
-def read_sensitivity(job: Job) -> dict[str, float]:
-    """Per-matrix loss sensitivities ``E||dL/dy||^2 / d_out`` (``tools/sensitivity.py``)."""
-    path = sensitivity_path(job)
-    try:
-        return {k: float(v) for k, v in json.loads(path.read_text())["sensitivity"].items()}
-    except (OSError, ValueError, KeyError) as err:
-        raise AllocationError(f"allocation-weight loss needs the sensitivities in {path} "
-                              f"(tools/sensitivity.py writes them): {err}") from err
-
-
 @task
 def run_allocate(job: Job, *_deps: object) -> str:
     if is_done(job.work, ALLOCATE):
@@ -165,7 +151,11 @@ def run_allocate(job: Job, *_deps: object) -> str:
     if job.config.allocation == "block":  # every group keeps the uniform plan's bytes
         parts = [job.group_of(curve.layers[0]) for curve in curves]
     cfg = job.config
-    sensitivity = read_sensitivity(job) if cfg.allocation_weight == "loss" else None
+    sensitivity = None
+    if cfg.allocation_weight == "loss":
+        from .sensitivity_tasks import read_block_sensitivities
+
+        sensitivity = read_block_sensitivities(job)
     plan = plan_budgets(curves, uniform_spec(job), cfg.allocation_weight, parts,
                         sensitivity=sensitivity, band=cfg.allocation_band)
     summary = plan.as_dict()
