@@ -22,7 +22,7 @@ import torch
 from ..stages.allocation import AllocationError
 from ..stages.budget_plan import UniformSpec, plan_budgets
 from ..stages.compress_block import solve_units
-from ..stages.curves import Option, UnitCurve, calibrated, unit_curve, unit_key
+from ..stages.curves import Option, UnitCurve, calibrated, spectrum, unit_curve, unit_key
 from ..stages.projections import INPUT_OF, module_path
 from ..stages.sizing import dictionary_shape
 from ..storage.atomic import write_json
@@ -97,13 +97,17 @@ def run_curves(job: Job, group_index: int, *_deps: object) -> str:
             if spec.method == "cospadi":
                 shape = dictionary_shape(d1, d2, spec.ratio, spec.rho)
                 extra = ((shape.k, shape.s),)
+            whitened = whitened.to(torch.float64)
+            sigma, codes = spectrum(whitened)  # on the device, shared with the short solve
             curve = unit_curve(projection, members, whitened.cpu(),
-                               with_dictionary=spec.method == "cospadi", extra=extra)
+                               with_dictionary=spec.method == "cospadi", extra=extra,
+                               spectral=(sigma.cpu(), codes.cpu()))
             record = curve.as_dict()
             if spec.method == "cospadi":
                 short = replace(settings, iters=CALIBRATION_ITERS,
                                 refine_iters=CALIBRATION_REFINE)
-                achieved = _short_solve_error(whitened, shape.k, shape.s, short)
+                achieved = _short_solve_error(whitened, codes, shape.k, shape.s,
+                                              short)
                 curve = calibrated(curve, shape.k, shape.s, achieved)
                 record = dict(curve.as_dict(), calibration={"k": shape.k, "s": shape.s,
                                                             "achieved": achieved})
@@ -116,15 +120,26 @@ def run_curves(job: Job, group_index: int, *_deps: object) -> str:
     return name
 
 
-def _short_solve_error(whitened: torch.Tensor, k: int, s: int, settings) -> float:
-    """Relative squared error a short solve of the configured solver reaches at (k, s)."""
-    from ..stages.solvers import dictionary_solver
+def _short_solve_error(whitened: torch.Tensor, codes: torch.Tensor, k: int, s: int,
+                       settings) -> float:
+    """Relative squared error a short solve of the configured solver reaches at (k, s).
 
+    The closed solver runs on the unit's ``codes = Sigma V^T`` (from the curve's
+    spectrum; the error is the same in that basis), which spares it a second SVD."""
+    from ..stages.solver_closed import solve_closed
+    from ..stages.solvers import dictionary_solver
+    from ..stages.supports import parse_support
+
+    if settings.solver == "closed" and not parse_support(settings.support).structured:
+        solution = solve_closed(codes, k, s, iters=settings.solver_iters,
+                                refine=settings.refine_iters, dtype=settings.dtype,
+                                rotated=True)
+        return solution.stats["error"] ** 2  # the solver records the relative norm
     solution = dictionary_solver(settings.solver)(whitened, k, s, settings)
-    codes = torch.zeros(k, whitened.shape[1], dtype=torch.float64, device=whitened.device)
-    codes.scatter_(0, solution.support.to(whitened.device),
+    dense = torch.zeros(k, whitened.shape[1], dtype=torch.float64, device=whitened.device)
+    dense.scatter_(0, solution.support.to(whitened.device),
                    solution.values.to(device=whitened.device, dtype=torch.float64))
-    residual = whitened - solution.dictionary.to(whitened.device, torch.float64) @ codes
+    residual = whitened - solution.dictionary.to(whitened.device, torch.float64) @ dense
     total = float(whitened.square().sum())
     return float(residual.square().sum()) / total if total else 0.0
 
@@ -141,20 +156,6 @@ def read_curves(job: Job) -> list[UnitCurve]:
     return curves
 
 
-def sensitivity_path(job: Job) -> Path:
-    return job.work.root / "sensitivity.json"
-
-
-def read_sensitivity(job: Job) -> dict[str, float]:
-    """Per-matrix loss sensitivities ``E||dL/dy||^2 / d_out`` (``tools/sensitivity.py``)."""
-    path = sensitivity_path(job)
-    try:
-        return {k: float(v) for k, v in json.loads(path.read_text())["sensitivity"].items()}
-    except (OSError, ValueError, KeyError) as err:
-        raise AllocationError(f"allocation-weight loss needs the sensitivities in {path} "
-                              f"(tools/sensitivity.py writes them): {err}") from err
-
-
 @task
 def run_allocate(job: Job, *_deps: object) -> str:
     if is_done(job.work, ALLOCATE):
@@ -165,7 +166,11 @@ def run_allocate(job: Job, *_deps: object) -> str:
     if job.config.allocation == "block":  # every group keeps the uniform plan's bytes
         parts = [job.group_of(curve.layers[0]) for curve in curves]
     cfg = job.config
-    sensitivity = read_sensitivity(job) if cfg.allocation_weight == "loss" else None
+    sensitivity = None
+    if cfg.allocation_weight == "loss":
+        from .sensitivity_tasks import read_block_sensitivities
+
+        sensitivity = read_block_sensitivities(job)
     plan = plan_budgets(curves, uniform_spec(job), cfg.allocation_weight, parts,
                         sensitivity=sensitivity, band=cfg.allocation_band)
     summary = plan.as_dict()

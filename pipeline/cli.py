@@ -75,6 +75,8 @@ COMPRESS_FLAGS: dict[str, tuple[Any, str]] = {
                                    "params | matrices | energy | loss"),
     "--allocation-band": (float, "each matrix's bytes within (1 -/+ B) x its uniform "
                                  "bytes (0: unbounded)"),
+    "--sensitivity-samples": (int, "allocation-weight loss: calibration windows the "
+                                   "sensitivity pass backpropagates (default: all)"),
     "--shard-size": (str, "largest output shard, e.g. 256MB or 2GB (held in memory once)"),
     "--prune-blocks": (int, "ReplaceMe: remove N consecutive blocks before factorising"),
     "--prune-fit": (str, "lstsq | cosine (fold a linear map, least squares or cosine loss, "

@@ -71,8 +71,9 @@ class CompressConfig:
     # block: the same within each block (group), every block keeping its uniform bytes
     allocation_weight: str = "params"  # proxy: relative functional errors weighted by
     # params (dense size) | matrices (one each) | energy (||R W||^2) | loss (||R (W - W_hat)||^2
-    # x the loss sensitivity of the output, from <work>/sensitivity.json)
+    # x the loss sensitivity of the output, measured by the streamed sensitivity tasks)
     allocation_band: float = 0.0  # > 0: each matrix's bytes within (1 -/+ band) x uniform
+    sensitivity_samples: int | None = None  # weight loss: windows backpropagated (None: all)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", canonical_targets(self.targets))
@@ -134,6 +135,8 @@ class CompressConfig:
             settings["allocation_weight"] = self.allocation_weight
             if self.allocation_band:
                 settings["allocation_band"] = self.allocation_band
+            if self.sensitivity_samples:
+                settings["sensitivity_samples"] = self.sensitivity_samples
         return settings
 
 
@@ -209,6 +212,10 @@ def validate(cfg: CompressConfig) -> None:
     if cfg.method == "none" and cfg.prune_blocks < 1:
         raise ConfigError("method none (prune only) needs prune-blocks >= 1, got "
                           f"{cfg.prune_blocks}")
+    if cfg.sensitivity_samples is not None and not \
+            1 <= cfg.sensitivity_samples <= cfg.calib_samples:
+        raise ConfigError(f"sensitivity-samples must lie in [1, calib-samples "
+                          f"({cfg.calib_samples})], got {cfg.sensitivity_samples}")
     if not 0.0 <= cfg.allocation_band < 1.0:
         raise ConfigError(f"allocation-band must lie in [0, 1), got {cfg.allocation_band}")
     if cfg.allocation != "uniform" and cfg.propagate == "compressed":

@@ -48,10 +48,13 @@ def task_order(job: Job) -> list[str]:
     """Every task of the run in a valid execution order."""
     if _global(job):
         from .allocation_tasks import ALLOCATE, curves_name
+        from .sensitivity_tasks import sensitivity_name, uses_sensitivity
 
         names = [EMBED]
         for group, layers in enumerate(job.groups):
             names += [capture_name(layer) for layer in layers] + [curves_name(group)]
+        if uses_sensitivity(job):
+            names += [sensitivity_name(layer) for layer in reversed(range(job.num_layers))]
         return names + [ALLOCATE] + [factor_name(g) for g in range(len(job.groups))] + \
             [ASSEMBLE]
     if job.prune_source is not None:
@@ -100,10 +103,21 @@ def task_inputs(job: Job, name: str) -> list[tuple[Path, str]]:
 
             grams.append((allocation_path(job), ALLOCATE))
         return grams
+    if kind == "sensitivity":
+        from .sensitivity_tasks import grad_path, sensitivity_name
+
+        layer = int(number)
+        above = [(grad_path(job, layer + 1), sensitivity_name(layer + 1))] \
+            if layer + 1 < job.num_layers else []
+        return [(work.activations(layer), producer_of_input(job, layer))] + above
     if kind == "allocate":
         from .allocation_tasks import curves_name, curves_path
+        from .sensitivity_tasks import block_path, sensitivity_name, uses_sensitivity
 
-        return [(curves_path(job, g), curves_name(g)) for g in range(len(job.groups))]
+        sensitivity = [(block_path(job, layer), sensitivity_name(layer))
+                       for layer in range(job.num_layers)] if uses_sensitivity(job) else []
+        return [(curves_path(job, g), curves_name(g)) for g in range(len(job.groups))] + \
+            sensitivity
     if kind == "propagate":
         layers = job.groups[int(number)]
         return [(work.activations(layers[0]), producer_of_input(job, layers[0]))] + \
@@ -175,21 +189,33 @@ def build_graph(job: Job, done: set[str], ids: torch.Tensor) -> dict[str, Delaye
 
 
 def _add_global_graph(job: Job, node: Callable[..., object], ids: torch.Tensor) -> None:
-    """``--allocation global``: every group's curves, one allocation, then the factor
-    tasks. Capturing group g waits for the curves of group g - max_inflight (activations
-    stay bounded; Grams are kept until their factor task)."""
+    """``--allocation global``: every group's curves (and with the loss weight, the
+    sensitivity tasks from the last block down), one allocation, then the factor tasks.
+    Capturing group g waits for the curves of group g - max_inflight (Grams are kept until
+    their factor task; with the loss weight every block's input until its sensitivity
+    task)."""
     from .allocation_tasks import ALLOCATE, curves_name, run_allocate, run_curves
+    from .sensitivity_tasks import run_sensitivity, sensitivity_name, uses_sensitivity
 
     previous = node(EMBED, run_embed, ids)
     curves: list[object] = []
+    captures: list[object] = []  # per layer
     for group, layers in enumerate(job.groups):
         backpressure = [curves[group - job.config.max_inflight]] \
             if group >= job.config.max_inflight else []
-        captures = []
         for layer in layers:
             previous = node(capture_name(layer), run_capture, layer, previous, *backpressure)
             captures.append(previous)
-        curves.append(node(curves_name(group), run_curves, group, *captures))
+        curves.append(node(curves_name(group), run_curves, group,
+                           *captures[layers[0]:layers[-1] + 1]))
+    if uses_sensitivity(job):
+        # sensitivity-L reads block L's input (written by capture L-1) once capture L has
+        # read it too, and dL/dh from sensitivity-(L+1)
+        above: list[object] = []
+        for layer in reversed(range(job.num_layers)):
+            above = [node(sensitivity_name(layer), run_sensitivity, layer, captures[layer],
+                          *above)]
+        curves += above
     allocation = node(ALLOCATE, run_allocate, *curves)
     factors = [node(factor_name(group), run_factor, group, allocation)
                for group in range(len(job.groups))]

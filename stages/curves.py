@@ -166,12 +166,14 @@ def unit_curve(projection: str, layers: tuple[int, ...], whitened: torch.Tensor,
                rhos: tuple[float, ...] = DEFAULT_RHOS,
                fractions: tuple[float, ...] = DEFAULT_FRACTIONS,
                with_dictionary: bool = True,
-               extra: tuple[tuple[int, int], ...] = ()) -> UnitCurve:
+               extra: tuple[tuple[int, int], ...] = (),
+               spectral: tuple[torch.Tensor, torch.Tensor] | None = None) -> UnitCurve:
     """All options of one unit from its whitened matrix ``W_L`` (d1 x d2); ``extra``:
-    more dictionary (k, s) to include (the uniform plan's)."""
+    more dictionary (k, s) to include (the uniform plan's); ``spectral``: its
+    :func:`spectrum`, if already computed."""
     whitened = whitened.to(torch.float64)
     d1, d2 = whitened.shape
-    sigma, codes = spectrum(whitened)
+    sigma, codes = spectral if spectral is not None else spectrum(whitened)
     total = float(whitened.square().sum())
     options = svd_options(sigma, d1, d2)
     if with_dictionary:

@@ -49,7 +49,8 @@ def solve_closed(whitened: torch.Tensor, k: int, s: int, *, iters: int = DEFAULT
                  refine: int = DEFAULT_REFINE, tol: float = DEFAULT_TOL,
                  rule: SupportRule = top_s, order: torch.Tensor | None = None,
                  shared_columns: int = 1, svd_rank: int | None = None,
-                 dtype: torch.dtype = torch.float64) -> DictionarySolution:
+                 dtype: torch.dtype = torch.float64, rotated: bool = False
+                 ) -> DictionarySolution:
     """``whitened`` (d1 x d2) ~ D S with k atoms and s non-zeros per column.
 
     ``rule``: the support step (structured supports plug in here); ``order``: the warm
@@ -62,14 +63,22 @@ def solve_closed(whitened: torch.Tensor, k: int, s: int, *, iters: int = DEFAULT
     are well conditioned, and the refinement's normal equations are ridged at the
     precision's scale); the SVD, the k > d1 extension and the recorded final error are
     float64.
+    ``rotated``: ``whitened`` is already ``Sigma V^T`` of a matrix (orthogonal rows by
+    decreasing norm, e.g. ``curves.spectrum``'s codes): its SVD is skipped and the
+    solution is in that basis (same errors; the allocation's calibrating solve).
     """
     d1, d2 = whitened.shape
     if not 1 <= s <= min(k, d1):
         raise ValueError(f"need 1 <= s <= min(k, d1); got s={s}, k={k}, d1={d1}")
     started = time.perf_counter()
-    u, sigma, vh = torch.linalg.svd(whitened.to(torch.float64), full_matrices=False)
-    x = sigma[:, None] * vh  # m x d2
-    del vh
+    if rotated:
+        x = whitened.to(torch.float64)
+        sigma = x.norm(dim=1)
+        u = torch.eye(d1, dtype=torch.float64, device=x.device)
+    else:
+        u, sigma, vh = torch.linalg.svd(whitened.to(torch.float64), full_matrices=False)
+        x = sigma[:, None] * vh  # m x d2
+        del vh
     m = x.shape[0]
     total = sigma.square().sum().item() or 1.0
     stats: dict = {"k": k, "s": s}

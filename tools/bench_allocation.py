@@ -3,7 +3,7 @@
     python tools/bench_allocation.py [--ratios 0.2,0.3,0.4] [--weights params]
         [--calib-samples 32] [--seq-len 256] [--eval-windows 20] [--torch-threads 1]
         [--runs runs/allocation] [--results results] [--scopes global,block]
-        [--bands 0,0.5] [--sensitivity sensitivity.json] [--capture-from WORK]
+        [--bands 0,0.5] [--sensitivity REFERENCE.json] [--capture-from WORK]
 
 Same protocol as ``tools/reproduce.py`` (its ``cospadi compress`` / ``eval`` / ``inspect``
 helpers, demo assets, CoSpaDi per layer, rho 2, seed 42, perplexity on the first
@@ -19,8 +19,8 @@ a work directory seeded with hard links to its Grams and its embed / capture don
 (under a manifest with the later run's own settings), which the pipeline then resumes.
 Capture time is therefore reported once, not per run. An allocated run also starts from
 the error curves of an earlier allocated run at the same ratio and ``--tag`` (they depend
-on neither the proxy weight nor the band); arms weighted by ``loss`` get ``--sensitivity``
-copied into their work directory.
+on neither the proxy weight nor the band); arms weighted by ``loss`` also start from its
+block inputs, which their streamed sensitivity tasks read (counted in the allocation pass).
 
 Writes ``RESULTS/allocation.md`` and ``RESULTS/allocation.json``.
 """
@@ -59,10 +59,11 @@ def task_seconds(work: Path) -> dict[str, float]:
 
 
 def seed_work(base: Path, work: Path, compress_args: list[str],
-              curves_from: Path | None = None) -> None:
+              curves_from: Path | None = None, activations: bool = False) -> None:
     """Start ``work`` from ``base``'s captured Grams (hard links) and capture records, and
     from ``curves_from``'s error curves if given (they depend on neither the proxy weight
-    nor the band)."""
+    nor the band); with ``activations``, also from its block inputs (hard links: the
+    sensitivity tasks of the loss weight read them)."""
     from cospadi.pipeline.cli import config_from_args, parse
     from cospadi.pipeline.compress import check_calibration, resolve_model
     from cospadi.pipeline.manifest import fingerprint
@@ -76,6 +77,8 @@ def seed_work(base: Path, work: Path, compress_args: list[str],
     tmp = work.with_name(work.name + ".seed")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(base / "grams", tmp / "grams", copy_function=os.link)
+    if activations:
+        shutil.copytree(base / "activations", tmp / "activations", copy_function=os.link)
     (tmp / "done").mkdir()
     for record in [base / "done" / "embed.json", *(base / "done").glob("capture-*.json")]:
         shutil.copy2(record, tmp / "done" / record.name)
@@ -86,6 +89,17 @@ def seed_work(base: Path, work: Path, compress_args: list[str],
     write_json(tmp / "manifest.json", {"format": "cospadi-work", "version": 1,
                                        "fingerprint": current})
     tmp.rename(work)
+
+
+def compare_sensitivity(work: Path, reference: Path) -> dict:
+    """The streamed a_j against a whole-model reference (tools/sensitivity.py)."""
+    ref = json.loads(reference.read_text())["sensitivity"]
+    streamed = {}
+    for path in (work / "sensitivity").glob("block_*.json"):
+        data = json.loads(path.read_text())
+        streamed.update({f"{p}@{data['layer']}": v for p, v in data["sensitivity"].items()})
+    deviation = [abs(streamed[k] / ref[k] - 1) for k in ref if k in streamed]
+    return {"matrices": len(deviation), "max_rel_deviation": max(deviation, default=None)}
 
 
 def run_one(ratio: float, arm: str, opts: argparse.Namespace, assets: Path,
@@ -117,11 +131,8 @@ def run_one(ratio: float, arm: str, opts: argparse.Namespace, assets: Path,
     if base is None:
         args.append("--keep-work")  # the shared capture
     else:
-        seed_work(base, work, args, curves_from)
-    if arm != "uniform" and weight == "loss":
-        if not opts.sensitivity:
-            raise SystemExit("arm with weight loss: give --sensitivity (tools/sensitivity.py)")
-        shutil.copy2(opts.sensitivity, work / "sensitivity.json")
+        seed_work(base, work, args, curves_from,
+                  activations=arm != "uniform" and weight == "loss")
     start = time.perf_counter()
     cli(args, opts.torch_threads, quiet=opts.quiet)
     seconds = time.perf_counter() - start
@@ -134,6 +145,8 @@ def run_one(ratio: float, arm: str, opts: argparse.Namespace, assets: Path,
               "kept_bytes": sizes["compressed"]["kept_bytes"],
               "bytes": sizes["compressed"]["bytes"],
               "kept_params": sizes["compressed"]["kept_params"]}
+    if opts.sensitivity and arm != "uniform" and weight == "loss":
+        record["sensitivity_vs_reference"] = compare_sensitivity(work, Path(opts.sensitivity))
     allocation = sizes.get("allocation")
     if allocation:
         summary = json.loads((work / "allocation.json").read_text())
@@ -177,7 +190,7 @@ def report(records: list[dict], dense: dict, opts: argparse.Namespace) -> str:
                 methods = (f"{m.get('dictionary', 0)}/{m.get('lowrank', 0)}/"
                            f"{m.get('dense', 0)}")
                 proxy = f"{r['proxy']:.4f} ({r['uniform_proxy']:.4f})"
-                alloc = t.get("curves", 0) + t.get("allocate", 0)
+                alloc = t.get("curves", 0) + t.get("allocate", 0) + t.get("sensitivity", 0)
                 cost = (f"{alloc:.1f} / {t.get('factor', 0):.1f} s = "
                         f"{alloc / max(t.get('factor', 1e-9), 1e-9):.2f}")
             lines.append(f"| {ratio:g} | {arm} | {r['ppl']:.2f} | {rel} | "
@@ -208,8 +221,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="comma-separated allocation scopes of the arms: global, block")
     ap.add_argument("--bands", default="0", help="comma-separated --allocation-band values "
                     "of the arms (0: unbounded)")
-    ap.add_argument("--sensitivity", help="sensitivity.json of tools/sensitivity.py (same "
-                    "calibration), for arms weighted by loss")
+    ap.add_argument("--sensitivity", help="a whole-model sensitivity.json "
+                    "(tools/sensitivity.py, same calibration): the streamed a_j of arms "
+                    "weighted by loss are compared with it")
     ap.add_argument("--rho", type=float, default=2.0)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
