@@ -43,3 +43,24 @@ def test_bench_row_on_a_tiny_shape():
     for key in ("omp_speedup_vs_sklearn", "gomp_speedup_vs_sklearn", "ksvd_iter_seconds",
                 "matmul_fraction"):
         assert row[key] > 0.0, key
+
+
+def test_quality_row_records_wall_and_cpu_seconds():
+    """--quality rows carry each solver's wall and process-CPU seconds and the ratios of
+    both (the CPU ratio is the one contention on a shared machine distorts least)."""
+    args = argparse.Namespace(ratio=0.3, rho=2.0, closed_iters=3, refine_iters=2,
+                              no_gomp=True, gomp_atoms_per_step=4, ksvd_max_elements=10**6,
+                              ksvd_iters=2)
+    matrix = torch.randn(24, 48, generator=torch.Generator().manual_seed(0),
+                         dtype=torch.float64)
+    row = bench_solvers.quality_row("tiny", matrix, args, torch.device("cpu"))
+    for name in ("svd", "closed", "ksvd"):
+        assert row[f"{name}_seconds"] > 0.0 and row[f"{name}_cpu_seconds"] > 0.0, name
+    assert row["ksvd_over_closed_cpu"] == pytest.approx(
+        row["ksvd_cpu_seconds"] / row["closed_cpu_seconds"])
+    assert "gomp_seconds" not in row  # --no-gomp
+    # relative errors of a rank-reducing factorisation: strictly between 0 and 1
+    for key in ("svd_llm_error", "closed_error", "ksvd_error"):
+        assert 0.0 < row[key] < 1.0, key
+    summary = bench_solvers.quality_summary([row])
+    assert "in CPU seconds" in summary[1]
