@@ -213,8 +213,9 @@ def _add_global_graph(job: Job, node: Callable[..., object], ids: torch.Tensor) 
         # read it too, and dL/dh from sensitivity-(L+1)
         above: list[object] = []
         for layer in reversed(range(job.num_layers)):
-            above = [node(sensitivity_name(layer), run_sensitivity, layer, captures[layer],
-                          *above)]
+            top_ids = ids if layer == job.num_layers - 1 else None
+            above = [node(sensitivity_name(layer), run_sensitivity, layer, top_ids,
+                          captures[layer], *above)]
         curves += above
     allocation = node(ALLOCATE, run_allocate, *curves)
     factors = [node(factor_name(group), run_factor, group, allocation)

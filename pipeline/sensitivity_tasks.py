@@ -30,7 +30,6 @@ from ..stages.build_block import (
     build_final_norm,
     build_module,
 )
-from ..stages.calib_data import calibration_set
 from ..stages.sensitivity import Head, block_backward, head_gradient, sensitivities
 from ..storage.activation_store import ActivationReader, write_activations
 from ..storage.atomic import write_json
@@ -91,7 +90,9 @@ def _discard(_start: int, _grad: torch.Tensor) -> None:
 
 
 @task
-def run_sensitivity(job: Job, layer: int, *_deps: object) -> str:
+def run_sensitivity(job: Job, layer: int, ids: torch.Tensor | None, *_deps: object) -> str:
+    """``ids``: the calibration windows' token ids, needed by the top block only (its
+    ``dL/dh`` comes from the LM head and the next-token labels)."""
     name = sensitivity_name(layer)
     if is_done(job.work, name):
         return name
@@ -105,8 +106,10 @@ def run_sensitivity(job: Job, layer: int, *_deps: object) -> str:
         block = build_block(skeleton, reader, layer, dtype, device)
         inputs = BlockInputs(skeleton, None, dtype, device)
         if top:
-            ids = calibration_set(cfg, job.model_dir).ids[:samples]
-            output_grad = head_gradient(build_head(skeleton, reader, dtype, device), ids)
+            if ids is None:
+                raise ValueError(f"{name}: the top block needs the calibration ids")
+            output_grad = head_gradient(build_head(skeleton, reader, dtype, device),
+                                        ids[:samples])
         else:
             above = ActivationReader(grad_path(job, layer + 1))
 

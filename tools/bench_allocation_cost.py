@@ -37,6 +37,7 @@ from cospadi.pipeline.allocation_tasks import run_curves  # noqa: E402
 from cospadi.pipeline.cli import config_from_args, parse  # noqa: E402
 from cospadi.pipeline.sensitivity_tasks import grad_path, run_sensitivity  # noqa: E402
 from cospadi.pipeline.tasks import Job, run_factor  # noqa: E402
+from cospadi.stages.calib_data import calibration_set  # noqa: E402
 from cospadi.storage.activation_store import ActivationReader, write_activations  # noqa: E402
 
 
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--calib-text", str(Path(opts.assets) / "calib.txt"),
               "--calib-samples", str(opts.calib_samples), "--seq-len", str(opts.seq_len),
               "--method", "cospadi", "--rho", "2", "--seed", "42", "--torch-threads", "1"]
+    calib_cfg = config_from_args(parse(["compress", "--model", str(model), "--out",
+                                        str(base.parent / "unused"), *common]))
+    ids = calibration_set(calib_cfg, model).ids  # the top block's labels, tokenised once
     rows, totals = [], {}
     for ratio in opts.ratios:
         for block in blocks:
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "loss", "--sensitivity-samples", samples], model, work,
                                    layers)
                     stand_in_gradient(job, block, int(samples))
-                    row[f"sens{samples}"] = cpu(run_sensitivity, job, block)
+                    row[f"sens{samples}"] = cpu(run_sensitivity, job, block, ids)
                     shutil.rmtree(work / "done")
                     (work / "done").mkdir()
                 row["factor"] = cpu(run_factor, make_job([*flags, *opts.extra.split()],
