@@ -205,7 +205,6 @@ class Handover:
     """``h_{layer}`` in memory, from scan ``layer - 1`` to scan ``layer``; taken once, so
     dask (which keeps every target's result to the end) does not keep the tensor."""
 
-    name: str
     layer: int
     hidden: torch.Tensor | None
 
@@ -273,7 +272,7 @@ def run_prune_scan(job: Job, layer: int, previous: object = None) -> str | Hando
                            "windows": windows})
     _drop_unneeded_scans(job, layer)
     log.info("block %d: scanned in %.1f s", layer, time.perf_counter() - start)
-    return name if kept is None else Handover(name, layer + 1, kept)
+    return name if kept is None else Handover(layer + 1, kept)
 
 
 def _down_proj_names(job: Job, block_index: int) -> tuple[str, str]:

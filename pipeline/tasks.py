@@ -187,7 +187,9 @@ def has_propagate(job: Job, group: int) -> bool:
 
 def _input_consumed_by_capture(job: Job, layer: int) -> bool:
     """May capture(layer) delete its input? (a group start's input may feed propagate)."""
-    if job.config.allocation != "uniform" and job.config.allocation_weight == "loss":
+    from .sensitivity_tasks import uses_sensitivity  # it imports this module
+
+    if uses_sensitivity(job):
         return False  # the sensitivity task of this block reads it again, then removes it
     group = job.group_of(layer)
     return job.groups[group][0] != layer or not has_propagate(job, group)
