@@ -194,25 +194,27 @@ def run_prune_embed(job: Job, ids: torch.Tensor) -> str:
     return PRUNE_EMBED
 
 
-# A scan's output, handed to the next scan in memory (the store is still written: resume,
-# the fit and later windows read it) while it is at most this large; larger ones, resumed
-# runs and runs on a dask cluster read the store instead.
+# Hidden states handed from scan to scan in memory (the stores are still written: resume,
+# the fit and the dry run's table read them) up to this many bytes in all: a scan's input
+# and the N - 1 states before it that the windows ending after the next scans compare
+# with. What does not fit (the oldest first), resumed runs and runs on a dask cluster read
+# the stores instead.
 HANDOVER_BYTES = 1 << 30
 
 
 @dataclasses.dataclass
 class Handover:
-    """``h_{layer}`` in memory, from scan ``layer - 1`` to scan ``layer``; taken once, so
-    dask (which keeps every target's result to the end) does not keep the tensor."""
+    """``h_i`` in memory by index ``i``, from scan ``layer - 1`` to scan ``layer``; taken
+    once, so dask (which keeps every target's result to the end) does not keep them."""
 
     layer: int
-    hidden: torch.Tensor | None
+    states: dict[int, torch.Tensor]
 
-    def take(self, layer: int) -> torch.Tensor | None:
+    def take(self, layer: int) -> dict[int, torch.Tensor]:
         if self.layer != layer:
-            return None
-        hidden, self.hidden = self.hidden, None
-        return hidden
+            return {}
+        states, self.states = self.states, {}
+        return states
 
 
 def _kept_output(job: Job, layer: int, shape: tuple[int, ...]) -> torch.Tensor | None:
@@ -222,6 +224,19 @@ def _kept_output(job: Job, layer: int, shape: tuple[int, ...]) -> torch.Tensor |
     if math.prod(shape) * job.torch_dtype.itemsize > HANDOVER_BYTES:
         return None
     return torch.empty(shape, dtype=job.torch_dtype)
+
+
+def _handed_on(held: dict[int, torch.Tensor], output: torch.Tensor, layer: int,
+               n: int) -> dict[int, torch.Tensor]:
+    """What scan ``layer + 1`` gets: its input and the states of index >= layer + 2 - n
+    (those later scans compare with), newest first while within HANDOVER_BYTES."""
+    states, total = {layer + 1: output}, output.nbytes
+    for index in sorted((i for i in held if i >= layer + 2 - n), reverse=True):
+        total += held[index].nbytes
+        if total > HANDOVER_BYTES:
+            break
+        states[index] = held[index]
+    return states
 
 
 @task(heap_limit=False)
@@ -235,14 +250,19 @@ def run_prune_scan(job: Job, layer: int, previous: object = None) -> str | Hando
     start, cpu = time.perf_counter(), time.process_time()
     skeleton, reader = _source_setup(job)
     cfg, work, device = job.config, job.work, torch.device(job.device)
-    given = previous.take(layer) if isinstance(previous, Handover) else None
-    source = ActivationReader(scan_store(work, layer)) if given is None else None
-    shape = tuple(given.shape) if given is not None else source.shape
+    held = previous.take(layer) if isinstance(previous, Handover) else {}
+
+    def source(index: int) -> torch.Tensor | ActivationReader:
+        return held[index] if index in held else ActivationReader(scan_store(work, index))
+
+    given = source(layer)
+    shape = tuple(given.shape)
     # the run needs size N only (1 is free: its input is in memory); each other size is one
-    # more store read and distance per scan, so only the dry run's table measures them all
+    # more distance per scan (and a store read when not held), so only the dry run's table
+    # measures them all
     wanted = range(1, cfg.prune_blocks + 1) if job.prune_table else {1, cfg.prune_blocks}
     sizes = sorted(n for n in wanted if layer + 1 - n >= 1)
-    earlier = {n: ActivationReader(scan_store(work, layer + 1 - n)) for n in sizes if n > 1}
+    earlier = {n: source(layer + 1 - n) for n in sizes if n > 1}
     sums = dict.fromkeys(sizes, 0.0)
     tokens = 0
     samples, seq_len, _ = shape
@@ -254,15 +274,14 @@ def run_prune_scan(job: Job, layer: int, previous: object = None) -> str | Hando
                                cfg.micro_batch) as store, OverlappedWriter(store) as sink, \
                 torch.no_grad():
             for lo, hi in micro_batches(samples, cfg.micro_batch):
-                batch = given[lo:hi] if given is not None else source.read(lo, hi)
-                hidden = batch.to(device=device, dtype=job.torch_dtype)
+                hidden = _rows(given, lo, hi).to(device=device, dtype=job.torch_dtype)
                 out = block(hidden, **inputs.layer_kwargs(layer, hi - lo, seq_len))
                 sink.write(lo, out)  # in the background, while the distances run
                 if kept is not None:
                     kept[lo:hi] = out
                 out_norms = row_norms(out)  # once for the N windows ending here
                 for n in sizes:
-                    before = hidden if n == 1 else earlier[n].read(lo, hi).to(device)
+                    before = hidden if n == 1 else _rows(earlier[n], lo, hi).to(device)
                     sums[n] += angular_distance_sum(before, out, out_norms)[0]
                 tokens += (hi - lo) * seq_len
     windows = [{"start": layer + 1 - n, "size": n, "distance": sums[n] / tokens}
@@ -272,7 +291,13 @@ def run_prune_scan(job: Job, layer: int, previous: object = None) -> str | Hando
                            "windows": windows})
     _drop_unneeded_scans(job, layer)
     log.info("block %d: scanned in %.1f s", layer, time.perf_counter() - start)
-    return name if kept is None else Handover(layer + 1, kept)
+    if kept is None:
+        return name
+    return Handover(layer + 1, _handed_on(held, kept, layer, cfg.prune_blocks))
+
+
+def _rows(states: torch.Tensor | ActivationReader, lo: int, hi: int) -> torch.Tensor:
+    return states[lo:hi] if isinstance(states, torch.Tensor) else states.read(lo, hi)
 
 
 def _down_proj_names(job: Job, block_index: int) -> tuple[str, str]:

@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -323,9 +324,9 @@ def _prune_args(model_dir, text, out):
 
 
 def test_handover_in_memory_equals_reading_the_store(tmp_path, monkeypatch):
-    """Each scan takes its input from the previous scan in memory; with the handover off
-    (HANDOVER_BYTES 0: large activations) every scan reads the store. Same bytes out, and
-    the memory path opens one store fewer per handed-over scan."""
+    """Each scan takes its input and the state N blocks back from the previous scan in
+    memory; with the handover off (HANDOVER_BYTES 0: large activations) every scan reads
+    both from the stores. Same bytes out."""
     from cospadi.pipeline import prune_tasks
 
     model_dir = make_model(tmp_path / "model", "llama", layers=LAYERS)
@@ -334,17 +335,19 @@ def test_handover_in_memory_equals_reading_the_store(tmp_path, monkeypatch):
 
     class Counting(prune_tasks.ActivationReader):
         def __init__(self, path):
-            opened.append(str(path))
+            opened.append(Path(path).name)
             super().__init__(path)
 
     monkeypatch.setattr(prune_tasks, "ActivationReader", Counting)
     assert main(_prune_args(model_dir, text, tmp_path / "memory")) == 0
-    in_memory = len(opened)
+    # the scans read only the embedding's output h_0 (scan 0's input; no window starts at
+    # block 0); the last two opened are the fit's h_{l-1} and h_{l+N}
+    assert opened[:-2] == ["h_0000.zarr"], opened
     opened.clear()
     monkeypatch.setattr(prune_tasks, "HANDOVER_BYTES", 0)
     assert main(_prune_args(model_dir, text, tmp_path / "store")) == 0
-    # scans 1..LAYERS-1 get their input in memory (scan 0 reads the embedding's store)
-    assert len(opened) - in_memory == LAYERS - 1
+    # every scan reads its input, and scans N.. the state N blocks back
+    assert len(opened) - 2 == LAYERS + (LAYERS - N), opened
     assert _tree(tmp_path / "memory") == _tree(tmp_path / "store")
 
 
